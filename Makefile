@@ -1,0 +1,17 @@
+# The README's commands. `deps` installs what a fresh Debian machine lacks.
+PYTHON ?= python3
+STREAM_MODULE := /usr/lib/nginx/modules/ngx_stream_module.so
+
+.PHONY: deps test demo bench schema
+
+deps:
+	@if ! command -v nginx >/dev/null || ! [ -e $(STREAM_MODULE) ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx libnginx-mod-stream; \
+	fi
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+test: deps
+	$(PYTHON) -m pytest
+
+schema:
+	$(PYTHON) -m proxyctl schema > schema/proxyctl.schema.json

@@ -1,0 +1,5 @@
+import sys
+
+from proxyctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,470 @@
+"""The configuration file: pydantic models, and a loader that locates every error.
+
+`load_config` is a pure function from text to `Config`; it raises `ConfigError` carrying
+*all* problems, each as `FILE:LINE:COL: routes[i].field: message`, so one CI run shows
+everything wrong with a ConfigMap instead of one mistake per push.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Iterable, Literal, Mapping
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from proxyctl.selector import Selector, SelectorError, parse_selector, selector_from_mapping
+
+CONFIGMAP_KEY = "proxyctl.yaml"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# --- field types -------------------------------------------------------------------
+
+
+def _to_selector(value: Any) -> Selector:
+    if isinstance(value, Selector):
+        return value
+    if isinstance(value, str):
+        return parse_selector(value)
+    if isinstance(value, Mapping):
+        return selector_from_mapping(value)
+    raise ValueError("must be a string like 'app=x' or a mapping with matchLabels/matchExpressions")
+
+
+def _wrap_selector_error(value: Any) -> Selector:
+    try:
+        return _to_selector(value)
+    except SelectorError as exc:
+        raise ValueError(str(exc)) from None
+
+
+SelectorField = Annotated[
+    Selector,
+    PlainValidator(_wrap_selector_error),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {
+            "description": "Kubernetes label selector: 'a=b,c in (x,y),!d', or matchLabels/matchExpressions",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "matchExpressions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["key", "operator"],
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                    "values": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            ],
+        }
+    ),
+]
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `10s`, `5m`, `1h` → seconds. Plain numbers are seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"must be a duration like '500ms', '10s', '5m' or '1h', got {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": "string", "pattern": _DURATION.pattern, "examples": ["10s", "5m"]}),
+]
+
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+
+
+def _check_target_port(value: Any) -> int | str:
+    """A port number, or a container port name (IANA_SVC_NAME) resolved per pod."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    if isinstance(value, str) and (
+        len(value) <= 15 and _PORT_NAME.match(value) and re.search("[a-z]", value) and "--" not in value
+    ):
+        return value
+    raise ValueError(f"must be a port number (1-65535) or a container port name, got {value!r}")
+
+
+TargetPort = Annotated[
+    int | str,
+    PlainValidator(_check_target_port),
+    WithJsonSchema({"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+                              {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 15}]}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+# --- the models ----------------------------------------------------------------------
+
+
+class Route(_Model):
+    """One local port forwarded to the pods a selector picks."""
+
+    name: str | None = Field(None, description="[a-z0-9-]; default '<protocol>-<port>'; unique")
+    port: Port = Field(description="local listening port in the application's pod")
+    protocol: Literal["udp", "tcp"]
+    selector: SelectorField
+    namespace: str | None = Field(None, description="namespace of the pods; default: the sidecar's own")
+    target_port: TargetPort | None = Field(None, description="number or named container port; default: port")
+    when_no_local_pod: Literal["reject", "anyNode"] = "reject"
+    balance: Literal["round_robin", "least_conn", "hash"] = "round_robin"
+    udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
+    timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
+            raise ValueError(f"must be 1-63 characters of [a-z0-9-], not starting or ending with '-', got {value!r}")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
+            raise ValueError(f"must be a Kubernetes namespace name ([a-z0-9-], at most 63), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_protocol_options(self) -> Route:
+        if self.balance == "least_conn" and self.protocol == "udp":
+            raise ValueError("balance: least_conn is for tcp routes only")
+        if self.udp_responses and self.protocol == "tcp":
+            raise ValueError("udpResponses: is for udp routes only")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The route's name, defaulted to `<protocol>-<port>`."""
+        return self.name or f"{self.protocol}-{self.port}"
+
+
+class Config(_Model):
+    """The whole file: the routes and the sidecar's own settings."""
+
+    routes: list[Route] = Field(min_length=1)
+    listen_address: str = Field("127.0.0.1", description="address nginx listens on; 0.0.0.0 must be asked for")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    health: str = Field("127.0.0.1:9901", description="host:port of the health and metrics server")
+    watch_timeout: Duration = Field(300.0, description="each watch is asked to end within this; default 5m")
+
+    @field_validator("listen_address")
+    @classmethod
+    def _check_listen_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}") from None
+
+    @field_validator("health")
+    @classmethod
+    def _check_health(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            ok = 1 <= int(port) <= 65535
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"must be IP:PORT such as 127.0.0.1:9901, got {value!r}")
+        return value
+
+
+# --- located errors ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One error in a config, located as precisely as the source allows."""
+
+    source: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}:{self.column}"
+        return f"{where}: {self.path + ': ' if self.path else ''}{self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in a config; the message lists them one per line."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def format_path(loc: Iterable[str | int]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _position(document: Any, loc: tuple[str | int, ...]) -> tuple[int, int] | None:
+    """1-based line and column of `loc` in a ruamel round-trip document, or of its nearest parent."""
+    node, best = document, None
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            best, node = node.lc.value(part), node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            best, node = node.lc.item(part), node[part]
+        else:
+            break
+    if best is None and isinstance(document, (CommentedMap, CommentedSeq)) and document.lc.line is not None:
+        best = (document.lc.line, document.lc.col)
+    return (best[0] + 1, best[1] + 1) if best else None
+
+
+def _key_position(node: Any, key: str) -> tuple[int, int] | None:
+    return (node.lc.key(key)[0] + 1, node.lc.key(key)[1] + 1) if isinstance(node, CommentedMap) and key in node else None
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return f"must be {error['ctx']['expected']}, got {value!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    message = message[0].lower() + message[1:]
+    if kind in ("int_type", "string_type", "list_type", "model_type", "dict_type", "greater_than_equal",
+                "less_than_equal", "too_short"):
+        message += f", got {value!r}"
+    return message
+
+
+def _problems_from_validation(
+    error: ValidationError, document: Any, source: str, names: Mapping[str, str] | None = None
+) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        position = _position(document, loc)
+        if item["type"] == "extra_forbidden":
+            parent = _walk(document, loc[:-1])
+            position = _key_position(parent, str(loc[-1])) or position
+        path = format_path(loc)
+        if names is not None:
+            path = names.get(str(loc[-1]) if loc else "", path)
+        line, column = position if position else (None, None)
+        problems.append(Problem(source, line, column, path, _message(item)))
+    return problems
+
+
+def _walk(document: Any, loc: tuple[str | int, ...]) -> Any:
+    node = document
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Round-trip load (keeps line/column marks); YAML syntax errors become a located `ConfigError`."""
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise ConfigError([Problem(source, line, column, "", f"invalid YAML: {exc.problem or exc.context}")]) from None
+    except YAMLError as exc:
+        raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {exc}")]) from None
+
+
+def load_config(text: str, source: str = "<config>", env_route: Mapping[str, Any] | None = None) -> Config:
+    """Validate a config file's text (and the env shorthand's route, if any) into a `Config`."""
+    document = parse_yaml(text, source) if text.strip() else CommentedMap()
+    if document is None:
+        document = CommentedMap()
+    if not isinstance(document, Mapping):
+        raise ConfigError([Problem(source, 1, 1, "", "must be a mapping with a 'routes' list")])
+    data = dict(document)
+    problems: list[Problem] = []
+    if env_route is not None:
+        problems += _check_env_route(env_route)
+        data["routes"] = [*(data.get("routes") or []), dict(env_route)]
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        env_index = len(data["routes"]) - 1 if env_route is not None else None
+        problems += [p for p in _problems_from_validation(exc, document, source) if not _is_env(p, env_index)]
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    problems = list(_check_routes(config, document, source, env_route is not None))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _is_env(problem: Problem, env_index: int | None) -> bool:
+    return env_index is not None and problem.path.startswith(f"routes[{env_index}]")
+
+
+def _check_routes(config: Config, document: Any, source: str, last_is_env: bool) -> Iterable[Problem]:
+    """Rules that span routes: a port once per protocol, names unique."""
+    ports: dict[tuple[int, str], int] = {}
+    names: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if (route.port, route.protocol) in ports:
+            clash = ("port", f"port {route.port}/{route.protocol}", ports[(route.port, route.protocol)])
+        elif route.key in names:
+            clash = ("name", f"name {route.key!r}", names[route.key])
+        else:
+            ports[(route.port, route.protocol)] = names[route.key] = i
+            continue
+        field, what, first = clash
+        message = f"{what} is already used by routes[{first}]"
+        if last_is_env and i == len(config.routes) - 1:
+            yield Problem(ENV_SOURCE, None, None, ENV_NAMES[field], message)
+        else:
+            line, column = _position(document, ("routes", i, field)) or (None, None)
+            yield Problem(source, line, column, f"routes[{i}].{field}", message)
+
+
+# --- the environment shorthand (kube-collocated-pod-proxy compatible) ------------------
+
+ENV_SOURCE = "environment"
+ENV_NAMES = {"port": "PORT/SOURCE_PORT", "targetPort": "TARGET_PORT", "selector": "SELECTOR",
+             "protocol": "PROTOCOL", "namespace": "NAMESPACE", "name": "PORT"}
+
+
+def route_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The one route the original image's variables describe, or None when they are not set."""
+    if not any(env.get(k) for k in ("PORT", "SOURCE_PORT", "SELECTOR")):
+        return None
+    port = env.get("PORT", "")
+    route: dict[str, Any] = {
+        "port": _env_int(env.get("SOURCE_PORT") or port),
+        "targetPort": _env_int(env.get("TARGET_PORT") or port),
+        "protocol": env.get("PROTOCOL", "udp").lower(),
+        "selector": env.get("SELECTOR", ""),
+    }
+    if env.get("NAMESPACE"):
+        route["namespace"] = env["NAMESPACE"]
+    return route
+
+
+def _env_int(value: str) -> int | str:
+    return int(value) if value.strip().isdigit() else value
+
+
+def _check_env_route(route: Mapping[str, Any]) -> list[Problem]:
+    try:
+        Route.model_validate(route)
+    except ValidationError as exc:
+        return _problems_from_validation(exc, None, ENV_SOURCE, ENV_NAMES)
+    return []
+
+
+def log_level_from_env(value: str) -> str | None:
+    """Map the original image's nginx-style LOG_LEVEL onto ours."""
+    levels = {"debug": "debug", "info": "info", "notice": "info", "warn": "warning", "warning": "warning",
+              "error": "error", "crit": "error", "alert": "error", "emerg": "error"}
+    return levels.get(value.strip().lower())
+
+
+# --- reading sources (the I/O edge) -------------------------------------------------------
+
+
+def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
+    """The running config: the file (if it exists), plus the env shorthand's route and LOG_LEVEL."""
+    text = path.read_text(encoding="utf-8") if path is not None and path.exists() else ""
+    env_route = route_from_env(env)
+    if not text.strip() and env_route is None:
+        where = str(path) if path is not None else ENV_SOURCE
+        raise ConfigError([Problem(where, None, None, "", "no config file and no PORT/SELECTOR variables: nothing to route")])
+    config = load_config(text, str(path), env_route)
+    level = log_level_from_env(env.get("LOG_LEVEL", ""))
+    document = parse_yaml(text, str(path)) if text.strip() else None
+    if level and not (isinstance(document, Mapping) and "logLevel" in document):
+        config = config.model_copy(update={"log_level": level})
+    return config
+
+
+def check_file(text: str, source: str) -> list[Problem]:
+    """Problems of a config file, or of every ConfigMap manifest in it that holds `proxyctl.yaml`."""
+    try:
+        documents = list(YAML(typ="rt").load_all(text))
+    except YAMLError:
+        documents = []  # load_config reports the syntax error with its location
+    configmaps = [d for d in documents if isinstance(d, Mapping) and d.get("kind") == "ConfigMap"]
+    if not configmaps:
+        try:
+            load_config(text, source)
+        except ConfigError as exc:
+            return exc.problems
+        return []
+    problems: list[Problem] = []
+    for manifest in configmaps:
+        data = manifest.get("data")
+        if not isinstance(data, Mapping) or CONFIGMAP_KEY not in data:
+            line, column = manifest.lc.line + 1, manifest.lc.col + 1
+            problems.append(Problem(source, line, column, "data", f"ConfigMap has no {CONFIGMAP_KEY!r} key"))
+            continue
+        first_line = data.lc.value(CONFIGMAP_KEY)[0] + 1  # a `key: |` block starts on the next line
+        try:
+            load_config(str(data[CONFIGMAP_KEY]), source)
+        except ConfigError as exc:
+            problems += [_shift(p, first_line, text) for p in exc.problems]
+    return problems
+
+
+def _shift(problem: Problem, first_line: int, text: str) -> Problem:
+    """Move a problem found inside an embedded block scalar to its place in the manifest."""
+    if problem.line is None:
+        return problem
+    block = [line for line in text.splitlines()[first_line:] if line.strip()]
+    indent = len(block[0]) - len(block[0].lstrip(" ")) if block else 0
+    return Problem(problem.source, first_line + problem.line, (problem.column or 1) + indent, problem.path,
+                   problem.message)

@@ -1,0 +1,119 @@
+"""Real sockets on loopback for tests and benchmarks: backends, free ports, polling."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll until `predicate()` is truthy; fail with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP on `host` (routes may use the same port for both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+
+
+class UdpSink:
+    """A UDP backend (a stand-in for a DogStatsD pod) that records what it receives."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.1)
+        self.address = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self.first_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if self.first_at is None:
+                self.first_at = time.monotonic()
+            self.received.append(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+class TcpEcho:
+    """A TCP backend that echoes back what it gets, prefixed with its own name."""
+
+    def __init__(self, host: str, port: int = 0, name: str = "") -> None:
+        self.name = (name or host).encode()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.server = socket.create_server((host, port), family=family)
+        self.server.settimeout(0.1)
+        self.address = self.server.getsockname()
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(self.name + b":" + data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.close()
+
+
+def tcp_exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """One request/response over a fresh TCP connection; b'' when the proxy closes it at once."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        try:
+            conn.sendall(payload)
+            return conn.recv(65536)
+        except ConnectionResetError:
+            return b""

@@ -121,6 +121,14 @@ class Nginx:
         with self._changed:
             self._changed.notify_all()
 
+    def kill_leftovers(self) -> None:
+        """After the master died: its workers may live on holding the ports; end them all."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop(self, grace: float = 30.0) -> int | None:
         """Graceful: SIGQUIT lets open connections finish within `grace`; then SIGKILL."""
         if self.process is None:

@@ -1,0 +1,227 @@
+"""`proxyctl run`: keep nginx in step with the pods and the config file.
+
+Every change (a pod, the config file, nginx dying) only sets a flag and wakes the main
+loop; the loop debounces, renders, and reloads nginx when the text differs. One thread
+decides, so there is never a race between two reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Mapping
+
+from proxyctl import health, logs
+from proxyctl.config import Config, ConfigError, read_config
+from proxyctl.configwatch import watch_config
+from proxyctl.discovery import Discovery
+from proxyctl.kube import Identity, identity
+from proxyctl.nginx import Nginx, NginxError, stream_module
+from proxyctl.render import render
+
+log = logging.getLogger("proxyctl")
+
+DEBOUNCE = 0.02  # seconds: coalesces a burst of pod events into one reload
+FIRST_SYNC_TIMEOUT = 5.0  # start nginx after this even if a watch has not listed yet
+NEW_ROUTE_SYNC_TIMEOUT = 2.0
+STOP_GRACE = 25.0  # within Kubernetes' default 30 s termination grace period
+RESTART_BACKOFF_MAX = 30.0
+
+
+class Sidecar:
+    """The running state: last good config, the text nginx serves, counters for /metrics."""
+
+    def __init__(self, config_path: Path, state_dir: Path, template: Path | None, env: Mapping[str, str],
+                 config: Config) -> None:
+        self.config_path = config_path
+        self.template = template
+        self.env = env
+        self.config = config
+        self.config_valid = True
+        self.nginx = Nginx(state_dir)
+        self.stream_module = stream_module()
+        self.applied = ""  # the text nginx serves now
+        self.applied_endpoints: dict[str, list[str]] = {}
+        self.reloads = self.reload_failures = self.nginx_restarts = 0
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._config_changed = threading.Event()
+        self.discovery: Discovery | None = None
+
+    # --- events from other threads --------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def config_changed(self) -> None:
+        self._config_changed.set()
+        self._wake.set()
+
+    def stop(self, signum: int = 0, frame: object = None) -> None:
+        log.info("signal %s: draining and stopping", signal.Signals(signum).name if signum else "stop")
+        self.stopping.set()
+        self._wake.set()
+
+    # --- rendering and reloading --------------------------------------------------------------
+
+    def _render(self, config: Config) -> tuple[str, dict[str, list[str]]]:
+        """The nginx.conf for `config` with the backends known now, and those backends by route."""
+        assert self.discovery is not None
+        endpoints = self.discovery.endpoints()
+        text = render(config, endpoints, self.nginx.state_dir, self.stream_module, self.template)
+        return text, {name: [str(b) for b in backends] for name, backends in endpoints.items()}
+
+    def _try_new_config(self) -> None:
+        """Adopt a changed config file only if it validates and nginx accepts it."""
+        assert self.discovery is not None
+        try:
+            candidate = read_config(self.config_path, self.env)
+            if candidate == self.config:
+                self.config_valid = True
+                return
+            self.nginx.test(self._render(candidate)[0])
+        except (ConfigError, NginxError) as exc:
+            self.config_valid = False
+            self.reload_failures += 1
+            log.error("rejected the new config; the last good one keeps serving:\n%s", exc)
+            return
+        log.info("config accepted: %d route(s)", len(candidate.routes))
+        logs.setup(candidate.log_level, self.env)
+        self.config, self.config_valid = candidate, True
+        self.discovery.set_routes(candidate.routes, candidate.watch_timeout)
+        self.discovery.wait_synced(NEW_ROUTE_SYNC_TIMEOUT)
+
+    def _converge(self) -> None:
+        """Render; when the text differs from what nginx serves, test it and reload."""
+        text, endpoints = self._render(self.config)
+        if text == self.applied:
+            return
+        try:
+            self.nginx.test(text)
+            self.nginx.write(text)
+            self.nginx.reload()
+        except NginxError as exc:
+            self.reload_failures += 1
+            self.config_valid = False
+            log.error("nginx rejected the new config; the last good one keeps serving: %s", exc)
+            self.nginx.write(self.applied)  # a restarted nginx must come back with the good one
+            return
+        self.applied, self.applied_endpoints = text, endpoints
+        self.reloads += 1
+        log.info("reloaded nginx: %s", _summary(endpoints))
+
+    def _start_nginx(self) -> None:
+        text, endpoints = self._render(self.config)
+        self.nginx.test(text)
+        self.nginx.write(text)
+        self.nginx.start()
+        self.applied, self.applied_endpoints = text, endpoints
+        log.info("nginx started: %s", _summary(endpoints))
+
+    def _restart_nginx(self, backoff: float) -> float:
+        """nginx died: start it again (from the last good config), waiting longer each time."""
+        self.nginx_restarts += 1
+        log.error("nginx exited with %s; restarting in %.1fs", self.nginx.process and self.nginx.process.returncode,
+                  backoff)
+        self.nginx.kill_leftovers()
+        if self.stopping.wait(backoff):
+            return backoff
+        try:
+            self.nginx.start()
+        except NginxError as exc:
+            log.error("%s", exc)
+        return min(RESTART_BACKOFF_MAX, max(1.0, backoff * 2))
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def run(self, me: Identity) -> int:
+        self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
+        self.discovery.set_routes(self.config.routes, self.config.watch_timeout)
+        server = health.serve(self.config.health, self.status)
+        if not self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
+            log.warning("not every watch has listed its pods yet; starting nginx with what is known")
+        self._start_nginx()
+        if self.config_path.parent.is_dir():
+            watch_config(self.config_path, self.config_changed, self.stopping)
+        backoff, started = 0.0, time.monotonic()
+        while not self.stopping.is_set():
+            self._wake.wait(1.0)
+            if self.stopping.is_set():
+                break
+            if not self.nginx.running:
+                backoff = self._restart_nginx(backoff)
+                started = time.monotonic()
+                continue
+            if time.monotonic() - started > 60:
+                backoff = 0.0
+            if not self._wake.is_set():
+                continue
+            time.sleep(DEBOUNCE)
+            self._wake.clear()
+            if self._config_changed.is_set():
+                self._config_changed.clear()
+                self._try_new_config()
+            self._converge()
+        self.discovery.stop()
+        code = self.nginx.stop(STOP_GRACE)
+        server.shutdown()
+        log.info("stopped (nginx exited with %s)", code)
+        return 0
+
+    def status(self) -> health.Status:
+        """What the health server reports; read from other threads, so only reads here."""
+        assert self.discovery is not None
+        routes = [
+            health.RouteStatus(r.key, r.port, r.protocol, self.applied_endpoints.get(r.key, []))
+            for r in self.config.routes
+        ]
+        ready = []
+        if not self.nginx.running:
+            ready.append("nginx is not running")
+        if not self.config_valid:
+            ready.append("the latest config was rejected; the last good one serves")
+        ready += [f"route {r.name} has no backend" for r in routes if not r.backends]
+        alive = [f"watch stalled: {key}" for key in self.discovery.stalled()]
+        return health.Status(alive, ready, routes, self.reloads, self.reload_failures, self.config_valid,
+                             self.discovery.restarts, self.nginx_restarts)
+
+
+def _summary(endpoints: Mapping[str, list[str]]) -> str:
+    return "; ".join(f"{name} -> {', '.join(backends) or 'no backend'}" for name, backends in endpoints.items())
+
+
+def _identity(env: Mapping[str, str], stopping: threading.Event) -> Identity | None:
+    """Who and where we are; retried while the API server is unreachable."""
+    delay, said = 0.5, ""
+    while True:
+        try:
+            return identity(env)
+        except Exception as exc:  # noqa: BLE001 - any failure here is retried, and said once per kind
+            if str(exc) != said:
+                log.warning("cannot find this pod's node yet (%s); retrying", exc)
+                said = str(exc)
+        if stopping.wait(delay):
+            return None
+        delay = min(10.0, delay * 2)
+
+
+def run(config_path: Path, state_dir: Path, template: Path | None, env: Mapping[str, str]) -> int:
+    logs.setup("info", env)
+    try:
+        config = read_config(config_path, env)
+    except ConfigError as exc:
+        log.error("invalid config, not starting:\n%s", exc)
+        return 1
+    logs.setup(config.log_level, env)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    sidecar = Sidecar(config_path, state_dir, template, env, config)
+    signal.signal(signal.SIGTERM, sidecar.stop)
+    signal.signal(signal.SIGINT, sidecar.stop)
+    me = _identity(env, sidecar.stopping)
+    if me is None:
+        return 0
+    log.info("proxyctl on node %s, namespace %s, %d route(s)", me.node, me.namespace, len(config.routes))
+    return sidecar.run(me)

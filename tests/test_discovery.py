@@ -1,0 +1,258 @@
+"""Discovery against the test API server: the real kubernetes client over real HTTP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from proxyctl.config import Route, load_config
+from proxyctl.discovery import Discovery
+from proxyctl.kube import Identity
+from tests.kubeapi import KubeApiServer
+from tests.support import wait_for
+
+NS = "kube-system"
+AGENT = {"app": "dd-agent"}
+
+MakeDiscovery = Callable[..., Discovery]
+
+
+def routes(*lines: str) -> list[Route]:
+    return load_config("routes:\n" + "".join(f"  - {line}\n" for line in lines)).routes
+
+
+DOGSTATSD = "{name: dogstatsd, port: 8125, protocol: udp, selector: app=dd-agent, namespace: kube-system}"
+
+
+@pytest.fixture
+def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]:
+    """Start a Discovery for some routes, as node-a, with the API server's kubeconfig."""
+    started: list[Discovery] = []
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def make(route_list: list[Route], watch_timeout: float = 60.0, env: dict[str, str] | None = None) -> Discovery:
+        discovery = Discovery(env or {"KUBECONFIG": kubeconfig}, Identity("node-a", "default"), watch_timeout,
+                              lambda: None)
+        discovery.set_routes(route_list, watch_timeout)
+        started.append(discovery)
+        return discovery
+
+    yield make
+    for discovery in started:
+        discovery.stop()
+
+
+def backends(discovery: Discovery, route: str = "dogstatsd") -> list[str]:
+    return [str(b) for b in discovery.endpoints().get(route, [])]
+
+
+def test_only_local_ready_matching_live_pods_with_an_ip_are_backends(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("other-node", NS, AGENT, node="node-b", ip="127.0.0.3")
+    kube_api.add_pod("other-app", NS, {"app": "web"}, node="node-a", ip="127.0.0.4")
+    kube_api.add_pod("not-ready", NS, AGENT, node="node-a", ip="127.0.0.5", ready=False)
+    kube_api.add_pod("no-ip", NS, AGENT, node="node-a", ip=None)
+    kube_api.add_pod("other-ns", "default", AGENT, node="node-a", ip="127.0.0.6")
+    kube_api.add_pod("leaving", NS, AGENT, node="node-a", ip="127.0.0.7")
+    kube_api.update_pod(NS, "leaving", terminating=True)
+
+    discovery = discover(routes(DOGSTATSD))
+    assert discovery.wait_synced(10)
+    assert backends(discovery) == ["127.0.0.2:8125"]
+
+
+def test_add_modify_delete_node_and_readiness_changes_are_followed(kube_api: KubeApiServer, discover) -> None:
+    discovery = discover(routes(DOGSTATSD))
+    assert discovery.wait_synced(10) and backends(discovery) == []
+
+    def expect(expected: list[str]) -> None:
+        wait_for(lambda: backends(discovery) == expected, 10, what=f"backends {expected}, have {backends(discovery)}")
+
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    expect(["127.0.0.2:8125"])
+    kube_api.update_pod(NS, "agent", ip="127.0.0.3")
+    expect(["127.0.0.3:8125"])
+    kube_api.update_pod(NS, "agent", ready=False)
+    expect([])
+    kube_api.update_pod(NS, "agent", ready=True)
+    expect(["127.0.0.3:8125"])
+    kube_api.update_pod(NS, "agent", node="node-b")
+    expect([])
+    kube_api.update_pod(NS, "agent", node="node-a")
+    expect(["127.0.0.3:8125"])
+    kube_api.update_pod(NS, "agent", labels={"app": "web"})
+    expect([])
+    kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.4")
+    expect(["127.0.0.4:8125"])
+    kube_api.delete_pod(NS, "agent-2")
+    expect([])
+
+
+def test_named_target_port_resolves_per_pod_and_ipv6_is_bracketed(kube_api: KubeApiServer, discover) -> None:
+    ports = [{"name": "otlp-grpc", "containerPort": 4317, "protocol": "TCP"}]
+    kube_api.add_pod("otel-1", NS, {"app": "otel"}, node="node-a", ip="127.0.0.2", ports=ports)
+    kube_api.add_pod("otel-2", NS, {"app": "otel"}, node="node-a", ip="fd00::5",
+                     ports=[{"name": "otlp-grpc", "containerPort": 14317, "protocol": "TCP"}])
+    kube_api.add_pod("otel-3", NS, {"app": "otel"}, node="node-a", ip="127.0.0.4")  # no such port: skipped
+    discovery = discover(routes("{name: otel, port: 4317, protocol: tcp, selector: app=otel, "
+                                "namespace: kube-system, targetPort: otlp-grpc}"))
+    assert discovery.wait_synced(10)
+    assert backends(discovery, "otel") == ["127.0.0.2:4317", "[fd00::5]:14317"]
+
+
+def test_routes_on_one_namespace_keep_their_own_pods_and_share_watches(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("statsd", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("fluentd", NS, {"app": "fluentd"}, node="node-a", ip="127.0.0.3")
+    discovery = discover(routes(
+        DOGSTATSD,
+        "{name: dogstatsd-tcp, port: 8125, protocol: tcp, selector: app=dd-agent, namespace: kube-system}",
+        "{name: fluentd, port: 24224, protocol: tcp, selector: 'app in (fluentd)', namespace: kube-system}",
+    ))
+    assert discovery.wait_synced(10)
+    assert {name: [str(b) for b in found] for name, found in discovery.endpoints().items()} == {
+        "dogstatsd": ["127.0.0.2:8125"],
+        "dogstatsd-tcp": ["127.0.0.2:8125"],
+        "fluentd": ["127.0.0.3:24224"],
+    }
+    assert len(discovery.watches) == 2  # the two dd-agent routes share one list + watch
+    assert kube_api.count(watch=False) == 2
+
+
+def test_a_watch_ended_by_the_server_resumes_without_relisting(kube_api: KubeApiServer, discover) -> None:
+    discovery = discover(routes(DOGSTATSD), watch_timeout=1)
+    assert discovery.wait_synced(10)
+    wait_for(lambda: kube_api.count(watch=True) >= 4, 10, what="four watch requests")
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    wait_for(lambda: backends(discovery) == ["127.0.0.2:8125"], 10, what="the new pod")
+
+    assert kube_api.count(watch=False) == 1
+    watches = [r for r in kube_api.requests if r.is_watch]
+    assert all(r.query.get("resourceVersion") for r in watches)
+    assert all(r.query.get("fieldSelector") == "spec.nodeName=node-a" for r in kube_api.requests)
+    assert all(r.query.get("allowWatchBookmarks") == "true" for r in watches)
+
+
+def test_410_gone_after_compaction_leads_to_exactly_one_relist(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    discovery = discover(routes(DOGSTATSD), watch_timeout=60)
+    assert discovery.wait_synced(10)
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="an open watch")
+
+    kube_api.add_pod("unrelated", "default", {"app": "web"})  # moves the resourceVersion on
+    kube_api.compact()
+    kube_api.reset_watches()  # the watch must reconnect, from a now compacted resourceVersion
+    kube_api.update_pod(NS, "agent", ip="127.0.0.3")
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 10, what="the change after the relist")
+
+    assert kube_api.count(watch=False) == 2
+    assert discovery.restarts >= 2  # the reset, then the 410
+
+
+def test_a_stalled_watch_is_replaced_and_a_change_made_meanwhile_is_seen(kube_api: KubeApiServer, discover,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    kube_api.bookmark_interval = None
+    discovery = discover(routes(DOGSTATSD), watch_timeout=1)
+    assert discovery.wait_synced(10)
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="an open watch")
+
+    kube_api.stall_watches = True
+    before = kube_api.count(watch=True)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")  # not delivered: the stream is silent
+    # Detected after 1.5 × watchTimeout of silence, replaced after a short backoff.
+    wait_for(lambda: kube_api.count(watch=True) > before, 1.5 * 1 + 1.0, what="a replacement watch")
+    assert any("watch stalled" in r.getMessage() for r in caplog.records)
+
+    kube_api.stall_watches = False
+    wait_for(lambda: backends(discovery) == ["127.0.0.2:8125"], 10, what="the change made during the stall")
+
+
+def test_403_names_the_missing_permission_once(kube_api: KubeApiServer, discover,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    kube_api.forbid_namespace(NS)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    discovery = discover(routes(DOGSTATSD))
+    wait_for(lambda: kube_api.count(path_contains=NS) >= 3, 15, what="three forbidden attempts")
+    said = [r.getMessage() for r in caplog.records if "403" in r.getMessage()]
+    assert len(said) == 1
+    assert "grant list and watch on pods in namespace kube-system" in said[0]
+
+    kube_api.allow_namespace(NS)
+    wait_for(lambda: backends(discovery) == ["127.0.0.2:8125"], 15, what="pods once allowed")
+
+
+def test_401_is_retried_with_a_re_read_token(kube_api: KubeApiServer, discover, tmp_path: Path) -> None:
+    token_file = kube_api.write_token_file(tmp_path / "token")
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig-token-file", token_file=token_file)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    discovery = discover(routes(DOGSTATSD), env={"KUBECONFIG": kubeconfig})
+    assert discovery.wait_synced(10) and backends(discovery) == ["127.0.0.2:8125"]
+
+    kube_api.rotate_token("rotated")
+    kube_api.reset_watches()  # the next request carries the old token and gets 401
+    kube_api.update_pod(NS, "agent", ip="127.0.0.3")
+    wait_for(lambda: kube_api.count(watch=None) and any(r.status == 401 for r in kube_api.requests), 10,
+             what="a 401")
+    Path(token_file).write_text("rotated")  # the kubelet rotates the mounted token
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 15, what="recovery with the new token")
+
+
+def test_an_api_server_down_at_start_up_is_retried_until_it_comes(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.stop()
+    discovery = discover(routes(DOGSTATSD))
+    assert not discovery.wait_synced(1.0)
+    kube_api.start()
+    wait_for(lambda: backends(discovery) == ["127.0.0.2:8125"], 15, what="pods once the API is up")
+
+
+def test_any_node_falls_back_to_other_nodes_only_while_no_local_pod(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(DOGSTATSD.replace("}", ", whenNoLocalPod: anyNode}"),
+                                "{name: strict, port: 8126, protocol: udp, selector: app=dd-agent, "
+                                "namespace: kube-system}"))
+    assert discovery.wait_synced(10)
+    assert backends(discovery) == ["127.0.0.2:8125"] and len(discovery.watches) == 1
+
+    kube_api.delete_pod(NS, "local")
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 10, what="the other node's pod")
+    assert backends(discovery, "strict") == []  # reject: no fallback
+    assert any(key.node is None for key in discovery.watches)
+
+    kube_api.add_pod("local-2", NS, AGENT, node="node-a", ip="127.0.0.4")
+    wait_for(lambda: backends(discovery) == ["127.0.0.4:8125"], 10, what="only the local pod again")
+    wait_for(lambda: all(key.node == "node-a" for key in discovery.watches), 5, what="the fallback watch closed")
+
+
+def test_steady_state_costs_one_watch_request_per_timeout(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    discovery = discover(routes(DOGSTATSD), watch_timeout=1)
+    assert discovery.wait_synced(10)
+    start = kube_api.count()
+    wait_for(lambda: kube_api.count(watch=True) >= 5, 10, what="five watch timeouts")
+    requests = kube_api.requests[start:]
+    assert all(r.is_watch and r.status == 200 for r in requests)
+    spans = [b.time - a.time for a, b in zip(requests, requests[1:])]
+    assert all(span > 0.8 for span in spans), spans  # one request per ~1 s timeout, no more
+    assert discovery.restarts == 0
+
+
+def test_malformed_pods_from_the_api_are_skipped_with_a_log_line(kube_api: KubeApiServer, discover,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    good = kube_api.add_pod("good", NS, AGENT, node="node-a", ip="127.0.0.2")
+    bad_ip = {**good, "metadata": {**good["metadata"], "name": "bad-ip", "uid": "bad-ip"},
+              "status": {**good["status"], "podIP": "127.0.0.2; } stream {"}}
+    no_status = {k: v for k, v in good.items() if k != "status"}
+    no_status["metadata"] = {**good["metadata"], "name": "no-status", "uid": "no-status"}
+    kube_api.put_raw_pod(bad_ip)
+    kube_api.put_raw_pod(no_status)
+    discovery = discover(routes(DOGSTATSD))
+    assert discovery.wait_synced(10)
+    assert backends(discovery) == ["127.0.0.2:8125"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bad-ip" in m and "not an IP address" in m for m in messages)
+    assert any("no-status" in m and "no status" in m for m in messages)

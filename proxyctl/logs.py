@@ -34,3 +34,4 @@ def setup(level: str, env: Mapping[str, str]) -> None:
     root.setLevel(level.upper())
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

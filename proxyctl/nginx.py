@@ -14,9 +14,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("proxyctl.nginx")
 
+_PID = re.compile(r"^\d+#\d+: (\*\d+ )?")
 _LEVEL = re.compile(r"\[(debug|info|notice|warn|error|crit|alert|emerg)\]")
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.DEBUG, "notice": logging.DEBUG, "warn": logging.WARNING,
                "error": logging.ERROR, "crit": logging.ERROR, "alert": logging.ERROR, "emerg": logging.ERROR}
@@ -61,7 +63,7 @@ class Nginx:
         candidate.write_text(text, encoding="utf-8")
         result = subprocess.run([*self._args(candidate), "-t", "-q"], capture_output=True, text=True)
         if result.returncode != 0:
-            raise NginxError(_first_error(result.stderr) or f"nginx -t exited {result.returncode}")
+            raise NginxError(f"nginx -t: {_first_error(result.stderr) or f'exited {result.returncode}'}")
 
     def write(self, text: str) -> None:
         """Replace nginx.conf atomically, so nginx never reads half a file."""
@@ -81,29 +83,34 @@ class Nginx:
             self._args(self.conf), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
         threading.Thread(target=self._follow_log, args=(self.process,), name="nginx-log", daemon=True).start()
-        self._wait_for_workers(started, timeout, "start")
+        self._wait(lambda: self._workers_started > started, timeout)
+        if self._workers_started == started:
+            raise NginxError(f"nginx did not start: {self._errors[0] if self._errors else 'no worker started'}")
 
     def reload(self, timeout: float = 10.0) -> None:
-        """SIGHUP, then wait until new workers run; raises NginxError if nginx kept the old config."""
+        """SIGHUP; returns once new workers serve (the old one keeps accepting ~100 ms more).
+
+        Raises NginxError when nginx kept the old config (it logs `[emerg]` and carries on).
+        """
         if not self.running:
             raise NginxError("nginx is not running")
+        assert self.process is not None
         self._errors.clear()
         started = self._workers_started
-        assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
-        self._wait_for_workers(started, timeout, "reload")
+        self._wait(lambda: self._workers_started > started, timeout)
+        if self._workers_started == started:
+            raise NginxError(f"nginx reload failed: {self._errors[0] if self._errors else 'no new worker started'}")
 
-    def _wait_for_workers(self, started: int, timeout: float, what: str) -> None:
+    def _wait(self, done: Callable[[], bool], timeout: float) -> None:
+        """Wait for `done()` about nginx's log, an error in it, nginx's exit, or the timeout."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self._workers_started == started and not self._errors:
+            while not done() and not self._errors and self.running:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process is not None and self.process.poll() is not None):
-                    break
+                if remaining <= 0:
+                    return
                 self._changed.wait(min(remaining, 0.1))
-            if self._workers_started == started:
-                reason = self._errors[0] if self._errors else "no worker started"
-                raise NginxError(f"nginx {what} failed: {reason}")
 
     def _follow_log(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
@@ -111,12 +118,12 @@ class Nginx:
             line = line.rstrip()
             match = _LEVEL.search(line)
             level = match.group(1) if match else "notice"
-            log.log(_LOG_LEVELS[level], "nginx: %s", line.split("] ", 1)[-1] if match else line)
+            log.log(_LOG_LEVELS[level], "nginx: %s", _message(line) if match else line)
             with self._changed:
                 if "start worker process " in line:
                     self._workers_started += 1
                 elif level in ("emerg", "alert"):
-                    self._errors.append(line.split("] ", 1)[-1])
+                    self._errors.append(_message(line))
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
@@ -143,8 +150,13 @@ class Nginx:
         return self.process.returncode
 
 
+def _message(line: str) -> str:
+    """`2026/01/01 00:00:00 [emerg] 12#12: bind() failed` → `bind() failed`."""
+    return _PID.sub("", line.split("] ", 1)[-1])
+
+
 def _first_error(output: str) -> str:
     for line in output.splitlines():
         if "[emerg]" in line or "[alert]" in line or "[crit]" in line:
-            return line.split("] ", 1)[-1]
+            return _message(line)
     return output.strip()

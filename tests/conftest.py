@@ -12,6 +12,7 @@ from proxyctl.config import Config
 from proxyctl.nginx import Nginx, stream_module
 from proxyctl.render import render
 from tests.kubeapi import kube_api  # noqa: F401  (fixture)
+from tests.harness import Proxyctl
 from tests.support import TcpEcho, UdpSink
 
 RunNginx = Callable[[Config, Mapping[str, Sequence[Backend]]], Nginx]
@@ -65,3 +66,18 @@ def tcp_echoes() -> Iterator[Callable[[str, int], TcpEcho]]:
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def proxyctl(tmp_path: Path, kube_api) -> Iterator[Callable[..., Proxyctl]]:
+    """Make `proxyctl run` processes against the test API server; killed at the end."""
+    made: list[Proxyctl] = []
+
+    def make(config: str | None = None, env: dict[str, str] | None = None, start: bool = True) -> Proxyctl:
+        process = Proxyctl(tmp_path / f"proxyctl-{len(made)}", kube_api, config, env)
+        made.append(process)
+        return process.start() if start else process
+
+    yield make
+    for process in made:
+        process.kill()

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import urllib3
-from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from proxyctl.backend import Backend
 from proxyctl.config import Config, Route
-from proxyctl.kube import CONNECT_TIMEOUT, Identity, api, identity
+from proxyctl.kube import Api, Identity, identity
 
 log = logging.getLogger("proxyctl.discovery")
 
@@ -101,16 +100,18 @@ class WatchKey:
     selector: str
     node: str | None
 
+    @property
+    def path(self) -> str:
+        return f"/api/v1/namespaces/{self.namespace}/pods"
+
     def __str__(self) -> str:
         where = f"node {self.node}" if self.node else "all nodes"
         return f"pods {self.selector!r} in {self.namespace} on {where}"
 
 
-def list_pods(core: CoreV1Api, key: WatchKey, read_timeout: float) -> tuple[dict[str, Pod], str]:
+def list_pods(core: Api, key: WatchKey, read_timeout: float) -> tuple[dict[str, Pod], str]:
     """One list call: the pods of `key` (malformed ones skipped with a log line) and its resourceVersion."""
-    response = core.list_namespaced_pod(key.namespace, **_selectors(key), _preload_content=False,
-                                        _request_timeout=(CONNECT_TIMEOUT, read_timeout))
-    body = json.loads(response.data)
+    body = core.get_json(key.path, _selectors(key), read_timeout)
     pods = {}
     for item in body.get("items") or []:
         pod = _parse(key, item)
@@ -120,9 +121,9 @@ def list_pods(core: CoreV1Api, key: WatchKey, read_timeout: float) -> tuple[dict
 
 
 def _selectors(key: WatchKey) -> dict[str, str]:
-    params = {"label_selector": key.selector}
+    params = {"labelSelector": key.selector}
     if key.node:
-        params["field_selector"] = f"spec.nodeName={key.node}"
+        params["fieldSelector"] = f"spec.nodeName={key.node}"
     return params
 
 
@@ -141,7 +142,7 @@ class Gone(Exception):
 class PodWatch:
     """Lists, then watches, one `WatchKey`; calls `on_change` whenever its pods change."""
 
-    def __init__(self, key: WatchKey, client: Callable[[bool], CoreV1Api], timeout: float,
+    def __init__(self, key: WatchKey, client: Callable[[bool], Api], timeout: float,
                  on_change: Callable[[], None]) -> None:
         self.key = key
         self.timeout = timeout
@@ -238,11 +239,9 @@ class PodWatch:
 
     def _watch(self, version: str) -> str:
         """One watch request; returns the last resourceVersion seen when the server ends it."""
-        response = self._client(False).list_namespaced_pod(
-            self.key.namespace, **_selectors(self.key), _preload_content=False, watch=True, allow_watch_bookmarks=True,
-            resource_version=version, timeout_seconds=max(1, round(self.timeout)),
-            _request_timeout=(CONNECT_TIMEOUT, 1.5 * self.timeout),
-        )
+        query = {**_selectors(self.key), "watch": "true", "allowWatchBookmarks": "true", "resourceVersion": version,
+                 "timeoutSeconds": max(1, round(self.timeout))}
+        response = self._client(False).get(self.key.path, query, 1.5 * self.timeout)
         self._response = response
         self.connected = True
         self.last_activity = time.monotonic()
@@ -303,15 +302,15 @@ class Discovery:
         self._env = env
         self._on_change = on_change
         self._lock = threading.RLock()
-        self._core = api(env)
+        self._core = Api(env)
         self._routes: list[Route] = []
         self.watches: dict[WatchKey, PodWatch] = {}
 
-    def client(self, reload: bool = False) -> CoreV1Api:
+    def client(self, reload: bool = False) -> Api:
         """The shared API client; `reload=True` builds it anew from fresh credentials."""
         with self._lock:
             if reload:
-                self._core = api(self._env)
+                self._core = Api(self._env)
             return self._core
 
     def _local_key(self, route: Route) -> WatchKey:
@@ -386,7 +385,7 @@ class Discovery:
 
 def list_endpoints(config: Config, env: Mapping[str, str]) -> dict[str, list[Backend]]:
     """One list per route, no watch: what `proxyctl render` shows without `--endpoints`."""
-    core = api(env)
+    core = Api(env)
     me = identity(env, core)
     table = {}
     for route in config.routes:

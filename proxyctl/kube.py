@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-from kubernetes import client, config
+import urllib3
+from kubernetes import config
+from kubernetes.client.api_client import ApiClient
+from kubernetes.client.configuration import Configuration
+from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger("proxyctl.kube")
 
@@ -15,20 +20,42 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 CONNECT_TIMEOUT = 5.0
 
 
-def api(env: Mapping[str, str]) -> client.CoreV1Api:
-    """A fresh client: in-cluster config inside a pod, else KUBECONFIG or ~/.kube/config.
+class Api:
+    """The few GETs proxyctl makes, through the kubernetes client's ApiClient (config, auth, TLS).
 
-    Called again after a 401, so that a rotated token (file) is read anew.
+    Answers are read as raw JSON streams: the typed CoreV1Api would import every core model
+    (about 20 MB and most of a second at start-up) only for us to bypass them.
     """
-    configuration = client.Configuration()
-    if env.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
-    # urllib3 would retry a failed connect three times by itself, hiding a dead API server
-    # behind long waits; our watches have their own backoff.
-    configuration.retries = False
-    return client.CoreV1Api(client.ApiClient(configuration))
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        """A fresh client: in-cluster config inside a pod, else KUBECONFIG or ~/.kube/config.
+
+        Made anew after a 401, so that a rotated token (file) is read again.
+        """
+        configuration = Configuration()
+        if env.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+        # urllib3 would retry a failed connect three times by itself, hiding a dead API server
+        # behind long waits; our watches have their own backoff.
+        configuration.retries = False
+        self.client = ApiClient(configuration)
+
+    def get(self, path: str, query: Mapping[str, Any], read_timeout: float) -> urllib3.BaseHTTPResponse:
+        """GET `path`; the response streams (for watches). Raises ApiException on 4xx/5xx."""
+        method, url, headers, body, _ = self.client.param_serialize(
+            "GET", path, query_params=list(query.items()), header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.client.call_api(method, url, headers, body, _request_timeout=(CONNECT_TIMEOUT, read_timeout))
+        if response.status >= 400:
+            raise ApiException.from_response(http_resp=response, body=response.read().decode(errors="replace"),
+                                             data=None)
+        return response.response
+
+    def get_json(self, path: str, query: Mapping[str, Any], read_timeout: float) -> Any:
+        return json.loads(self.get(path, query, read_timeout).data)
 
 
 @dataclass(frozen=True)
@@ -48,16 +75,17 @@ def own_namespace(env: Mapping[str, str]) -> str:
     return "default"
 
 
-def identity(env: Mapping[str, str], core: client.CoreV1Api | None = None) -> Identity:
+def identity(env: Mapping[str, str], core: Api | None = None) -> Identity:
     """`NODE_NAME` (downward API) when set; else ask the API for the sidecar's own pod."""
     namespace = own_namespace(env)
     if env.get("NODE_NAME"):
         return Identity(env["NODE_NAME"], namespace)
-    core = core or api(env)
+    core = core or Api(env)
     pod_name = env.get("MY_POD_NAME") or env.get("POD_NAME") or env.get("HOSTNAME")
     if not pod_name:
         raise RuntimeError("cannot tell this pod's node: set NODE_NAME from the downward API (spec.nodeName)")
-    pod = core.read_namespaced_pod(pod_name, namespace, _request_timeout=(CONNECT_TIMEOUT, 30))
-    if not pod.spec or not pod.spec.node_name:
+    pod = core.get_json(f"/api/v1/namespaces/{namespace}/pods/{pod_name}", {}, 30)
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
         raise RuntimeError(f"pod {namespace}/{pod_name} has no spec.nodeName yet")
-    return Identity(pod.spec.node_name, namespace)
+    return Identity(str(node), namespace)

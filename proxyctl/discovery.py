@@ -165,7 +165,7 @@ class PodWatch:
         self._stop.set()
         response = self._response
         if response is not None:
-            response.close()  # wakes the thread out of its read at once
+            response.shutdown()  # wakes the thread out of its read at once; close() would wait for it
 
     def stalled(self) -> bool:
         """Connected, yet silent well past the read timeout that should have replaced it."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -256,3 +259,16 @@ def test_malformed_pods_from_the_api_are_skipped_with_a_log_line(kube_api: KubeA
     messages = [r.getMessage() for r in caplog.records]
     assert any("bad-ip" in m and "not an IP address" in m for m in messages)
     assert any("no-status" in m and "no status" in m for m in messages)
+
+
+def test_render_without_endpoints_asks_the_cluster_once(kube_api: KubeApiServer, tmp_path: Path) -> None:
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    config = tmp_path / "proxyctl.yaml"
+    config.write_text(f"routes:\n  - {DOGSTATSD}\n")
+    env = {**os.environ, "KUBECONFIG": kube_api.write_kubeconfig(tmp_path / "kubeconfig"), "NODE_NAME": "node-a"}
+    result = subprocess.run([sys.executable, "-m", "proxyctl", "render", "--config", str(config)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "server 127.0.0.2:8125;" in result.stdout and "127.0.0.3" not in result.stdout
+    assert [(r.is_watch, r.query.get("fieldSelector")) for r in kube_api.requests] == [(False, "spec.nodeName=node-a")]

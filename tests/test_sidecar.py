@@ -207,3 +207,15 @@ def test_the_original_env_var_pod_forwards_dogstatsd_from_a_real_client(kube_api
     statsd.gauge("queue.depth", 7)
     wait_for(lambda: len(sink.received) == 2, 5, what="both metrics at the local agent")
     assert [d.strip() for d in sink.received] == [b"page.views:1|c|#env:test", b"queue.depth:7|g"]
+
+
+def test_json_logs_are_one_object_per_line(kube_api: KubeApiServer, proxyctl) -> None:
+    port = free_port()
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl("routes:\n" + udp_route(port), env={"LOG_FORMAT": "json"})
+    kube_api.update_pod(NS, "agent", ip="127.0.0.3")
+    wait_for(lambda: "127.0.0.3" in sidecar.get("/routes")[1], 10, what="the change")
+    assert sidecar.stop() == 0
+    entries = [json.loads(line) for line in sidecar.log().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["message"].startswith("reloaded nginx: dogstatsd -> 127.0.0.3") for e in entries)

@@ -15,3 +15,7 @@ test: deps
 
 schema:
 	$(PYTHON) -m proxyctl schema > schema/proxyctl.schema.json
+
+# Real nginx under proxyctl, a test API server, and DogStatsD traffic on 127.0.0.x only.
+demo: deps
+	$(PYTHON) examples/demo.py

@@ -45,9 +45,10 @@ def stream_module(binary: str = "nginx") -> str | None:
 class Nginx:
     """One nginx master whose config lives at `state_dir/nginx.conf`."""
 
-    def __init__(self, state_dir: Path, binary: str = "nginx") -> None:
+    def __init__(self, state_dir: Path, binary: str = "nginx", on_exit: Callable[[], None] = lambda: None) -> None:
         self.state_dir = state_dir
         self.binary = binary
+        self.on_exit = on_exit
         self.conf = state_dir / "nginx.conf"
         self.process: subprocess.Popen[str] | None = None
         self._changed = threading.Condition()
@@ -122,11 +123,13 @@ class Nginx:
             with self._changed:
                 if "start worker process " in line:
                     self._workers_started += 1
-                elif level in ("emerg", "alert"):
+                elif level in ("emerg", "alert") and len(self._errors) < 10:  # a flood of alerts must not grow it
                     self._errors.append(_message(line))
                 self._changed.notify_all()
+        process.wait()
         with self._changed:
             self._changed.notify_all()
+        self.on_exit()
 
     def kill_leftovers(self) -> None:
         """After the master died: its workers may live on holding the ports; end them all."""

@@ -41,13 +41,15 @@ class Sidecar:
         self.env = env
         self.config = config
         self.config_valid = True
-        self.nginx = Nginx(state_dir)
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self.nginx = Nginx(state_dir, on_exit=self._wake.set)
         self.stream_module = stream_module()
         self.applied = ""  # the text nginx serves now
         self.applied_endpoints: dict[str, list[str]] = {}
         self.reloads = self.reload_failures = self.nginx_restarts = 0
-        self.stopping = threading.Event()
-        self._wake = threading.Event()
+        self._nginx_started_at = 0.0
+        self._restart_delay = 0.0
         self._config_changed = threading.Event()
         self.discovery: Discovery | None = None
 
@@ -118,22 +120,26 @@ class Sidecar:
         self.nginx.test(text)
         self.nginx.write(text)
         self.nginx.start()
+        self._nginx_started_at = time.monotonic()
         self.applied, self.applied_endpoints = text, endpoints
         log.info("nginx started: %s", _summary(endpoints))
 
-    def _restart_nginx(self, backoff: float) -> float:
-        """nginx died: start it again (from the last good config), waiting longer each time."""
+    def _restart_nginx(self) -> None:
+        """nginx died: start it again from the last good config, waiting longer each time it dies young."""
         self.nginx_restarts += 1
-        log.error("nginx exited with %s; restarting in %.1fs", self.nginx.process and self.nginx.process.returncode,
-                  backoff)
+        lived = time.monotonic() - self._nginx_started_at
+        self._restart_delay = 0.0 if lived > 60 else min(RESTART_BACKOFF_MAX, max(1.0, self._restart_delay * 2))
+        log.error("nginx exited with %s; restarting in %.1fs",
+                  self.nginx.process and self.nginx.process.returncode, self._restart_delay)
         self.nginx.kill_leftovers()
-        if self.stopping.wait(backoff):
-            return backoff
+        if self.stopping.wait(self._restart_delay):
+            return
         try:
             self.nginx.start()
         except NginxError as exc:
             log.error("%s", exc)
-        return min(RESTART_BACKOFF_MAX, max(1.0, backoff * 2))
+        self._nginx_started_at = time.monotonic()
+        self._wake.set()  # converge: pods may have changed while nginx was down
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -143,24 +149,22 @@ class Sidecar:
         server = health.serve(self.config.health, self.status)
         if not self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
             log.warning("not every watch has listed its pods yet; starting nginx with what is known")
-        self._start_nginx()
+        try:
+            self._start_nginx()
+        except NginxError as exc:
+            log.error("cannot start nginx: %s", exc)
+            return 1
         if self.config_path.parent.is_dir():
             watch_config(self.config_path, self.config_changed, self.stopping)
-        backoff, started = 0.0, time.monotonic()
         while not self.stopping.is_set():
-            self._wake.wait(1.0)
+            self._wake.wait()
+            time.sleep(DEBOUNCE)
+            self._wake.clear()  # before the check below, so a stop() that comes later wakes the next wait
             if self.stopping.is_set():
                 break
             if not self.nginx.running:
-                backoff = self._restart_nginx(backoff)
-                started = time.monotonic()
+                self._restart_nginx()
                 continue
-            if time.monotonic() - started > 60:
-                backoff = 0.0
-            if not self._wake.is_set():
-                continue
-            time.sleep(DEBOUNCE)
-            self._wake.clear()
             if self._config_changed.is_set():
                 self._config_changed.clear()
                 self._try_new_config()

@@ -1,0 +1,1 @@
+"""Benchmarks of proxyctl's data plane: real nginx, real sockets, loopback only."""

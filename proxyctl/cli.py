@@ -12,7 +12,7 @@ from typing import Sequence
 from ruamel.yaml import YAML
 
 from proxyctl.backend import parse_endpoints
-from proxyctl.config import Config, ConfigError, check_file, read_config
+from proxyctl.config import Config, ConfigError, check_file, holds_config, read_config
 
 DEFAULT_CONFIG = "/etc/proxyctl/proxyctl.yaml"
 DEFAULT_STATE_DIR = "/var/run/proxyctl"
@@ -38,7 +38,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in args.paths:
         path = Path(name)
         try:
-            problems = check_file(path.read_text(encoding="utf-8"), name)
+            text = path.read_text(encoding="utf-8")
+            problems = check_file(text, name)
         except OSError as exc:
             print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
             failed = True
@@ -47,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         failed |= bool(problems)
         if not problems:
-            print(f"{name}: ok")
+            print(f"{name}: ok" if holds_config(text) else f"{name}: skipped, no proxyctl config in it")
     return 1 if failed else 0
 
 

@@ -432,25 +432,48 @@ def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
     return config
 
 
-def check_file(text: str, source: str) -> list[Problem]:
-    """Problems of a config file, or of every ConfigMap manifest in it that holds `proxyctl.yaml`."""
+def _manifests(text: str) -> list[Any] | None:
+    """The Kubernetes objects (documents with apiVersion and kind) in `text`; None when it has none."""
     try:
         documents = list(YAML(typ="rt").load_all(text))
     except YAMLError:
-        documents = []  # load_config reports the syntax error with its location
-    configmaps = [d for d in documents if isinstance(d, Mapping) and d.get("kind") == "ConfigMap"]
-    if not configmaps:
+        return None  # load_config reports the syntax error with its location
+    manifests = [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
+    return manifests or None
+
+
+def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
+    """A ConfigMap with a `proxyctl.*` key: a misspelt key must not be skipped silently."""
+    data = manifest.get("data")
+    return manifest.get("kind") == "ConfigMap" and isinstance(data, Mapping) and any(
+        str(key).startswith("proxyctl") for key in data)
+
+
+def holds_config(text: str) -> bool:
+    """Whether `validate` has anything to check: a config file, or a manifest holding one."""
+    manifests = _manifests(text)
+    return manifests is None or any(_looks_like_ours(m) for m in manifests)
+
+
+def check_file(text: str, source: str) -> list[Problem]:
+    """Problems of a config file, or of the ConfigMaps holding `proxyctl.yaml` among manifests.
+
+    Other manifests (Deployments, unrelated ConfigMaps) are passed over, so that CI can run
+    `proxyctl validate k8s/*.yaml` on a whole directory.
+    """
+    manifests = _manifests(text)
+    if manifests is None:
         try:
             load_config(text, source)
         except ConfigError as exc:
             return exc.problems
         return []
     problems: list[Problem] = []
-    for manifest in configmaps:
-        data = manifest.get("data")
-        if not isinstance(data, Mapping) or CONFIGMAP_KEY not in data:
-            line, column = manifest.lc.line + 1, manifest.lc.col + 1
-            problems.append(Problem(source, line, column, "data", f"ConfigMap has no {CONFIGMAP_KEY!r} key"))
+    for manifest in filter(_looks_like_ours, manifests):
+        data = manifest["data"]
+        if CONFIGMAP_KEY not in data:
+            line, column = data.lc.line + 1, data.lc.col + 1
+            problems.append(Problem(source, line, column, "data", f"the config must be under the key {CONFIGMAP_KEY!r}"))
             continue
         first_line = data.lc.value(CONFIGMAP_KEY)[0] + 1  # a `key: |` block starts on the next line
         try:

@@ -154,18 +154,12 @@ class Route(_Model):
     udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
 
-    @field_validator("name")
+    @field_validator("name", "namespace")
     @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
+    def _check_dns_label(cls, value: str | None) -> str | None:
+        """Names and namespaces are DNS labels, as in Kubernetes; that also keeps nginx syntax out."""
         if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
             raise ValueError(f"must be 1-63 characters of [a-z0-9-], not starting or ending with '-', got {value!r}")
-        return value
-
-    @field_validator("namespace")
-    @classmethod
-    def _check_namespace(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
-            raise ValueError(f"must be a Kubernetes namespace name ([a-z0-9-], at most 63), got {value!r}")
         return value
 
     @model_validator(mode="after")

@@ -212,7 +212,7 @@ class PodWatch:
             if error != last_error:  # once per kind of failure, not once per retry
                 log.warning("%s: %s; retrying with backoff", self.key, error)
                 last_error = error
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(failures, 10))
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(failures - 1, 10))
             self._stop.wait(random.uniform(delay / 2, delay))
 
     def _describe(self, exc: ApiException) -> str:

@@ -84,6 +84,7 @@ class Nginx:
             self._args(self.conf), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
         threading.Thread(target=self._follow_log, args=(self.process,), name="nginx-log", daemon=True).start()
+        threading.Thread(target=self._await_exit, args=(self.process,), name="nginx-exit", daemon=True).start()
         self._wait(lambda: self._workers_started > started, timeout)
         if self._workers_started == started:
             raise NginxError(f"nginx did not start: {self._errors[0] if self._errors else 'no worker started'}")
@@ -126,6 +127,9 @@ class Nginx:
                 elif level in ("emerg", "alert") and len(self._errors) < 10:  # a flood of alerts must not grow it
                     self._errors.append(_message(line))
                 self._changed.notify_all()
+
+    def _await_exit(self, process: subprocess.Popen[str]) -> None:
+        """Report the master's exit: its log pipe may stay open in orphaned workers."""
         process.wait()
         with self._changed:
             self._changed.notify_all()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import pytest
 
@@ -15,6 +15,7 @@ from tests.kubeapi import kube_api  # noqa: F401  (fixture)
 from tests.harness import Proxyctl
 from tests.support import TcpEcho, UdpSink
 
+Server = TypeVar("Server", UdpSink, TcpEcho)
 RunNginx = Callable[[Config, Mapping[str, Sequence[Backend]]], Nginx]
 
 
@@ -42,30 +43,25 @@ def run_nginx(tmp_path: Path, nginx_stream_module: str | None) -> Iterator[RunNg
         nginx.stop(grace=5)
 
 
-@pytest.fixture
-def udp_sinks() -> Iterator[Callable[[str, int], UdpSink]]:
-    sinks: list[UdpSink] = []
+def _servers(kind: Callable[[str, int], Server]) -> Callable[[], Iterator[Callable[[str, int], Server]]]:
+    """A fixture making backends of one kind on demand, all closed at the end of the test."""
 
-    def make(host: str, port: int = 0) -> UdpSink:
-        sinks.append(UdpSink(host, port))
-        return sinks[-1]
+    def fixture() -> Iterator[Callable[[str, int], Server]]:
+        made: list[Server] = []
 
-    yield make
-    for sink in sinks:
-        sink.close()
+        def make(host: str, port: int = 0) -> Server:
+            made.append(kind(host, port))
+            return made[-1]
+
+        yield make
+        for server in made:
+            server.close()
+
+    return fixture
 
 
-@pytest.fixture
-def tcp_echoes() -> Iterator[Callable[[str, int], TcpEcho]]:
-    servers: list[TcpEcho] = []
-
-    def make(host: str, port: int = 0) -> TcpEcho:
-        servers.append(TcpEcho(host, port))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.close()
+udp_sinks = pytest.fixture(_servers(UdpSink), name="udp_sinks")
+tcp_echoes = pytest.fixture(_servers(TcpEcho), name="tcp_echoes")
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxyctl ./proxyctl
 COPY templates ./templates
-RUN pip install . && cd / && rm -rf /src
+RUN pip install -c constraints.txt . && cd / && rm -rf /src
 
 # A numeric user, so that the kubelet can check runAsNonRoot. The state dir exists for
 # `docker run`; in a pod it is an emptyDir, as the root filesystem is read-only there.

@@ -8,7 +8,7 @@ deps:
 	@if ! command -v nginx >/dev/null || ! [ -e $(STREAM_MODULE) ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx libnginx-mod-stream; \
 	fi
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 
 test: deps
 	$(PYTHON) -m pytest

@@ -95,14 +95,19 @@ SelectorField = Annotated[
 ]
 
 
+MAX_DURATION = 86400.0
+
+
 def parse_duration(value: Any) -> float:
-    """`500ms`, `10s`, `5m`, `1h` → seconds. Plain numbers are seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"must be a duration like '500ms', '10s', '5m' or '1h', got {value!r}")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    """`500ms`, `10s`, `5m`, `1h` → seconds (plain numbers are seconds), from 1 ms to 24 h."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+    if not 0.001 <= seconds <= MAX_DURATION:  # also false for NaN
+        raise ValueError(f"must be a duration from 1ms to 24h like '500ms', '10s', '5m' or '1h', got {value!r}")
+    return seconds
 
 
 Duration = Annotated[
@@ -244,11 +249,14 @@ def _position(document: Any, loc: tuple[str | int, ...]) -> tuple[int, int] | No
     """1-based line and column of `loc` in a ruamel round-trip document, or of its nearest parent."""
     node, best = document, None
     for part in loc:
-        if isinstance(node, CommentedMap) and part in node:
-            best, node = node.lc.value(part), node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-            best, node = node.lc.item(part), node[part]
-        else:
+        try:
+            if isinstance(node, CommentedMap) and part in node:
+                best, node = node.lc.value(part), node[part]
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                best, node = node.lc.item(part), node[part]
+            else:
+                break
+        except KeyError:  # a key merged in with `<<:` has no position of its own
             break
     if best is None and isinstance(document, (CommentedMap, CommentedSeq)) and document.lc.line is not None:
         best = (document.lc.line, document.lc.col)
@@ -256,7 +264,11 @@ def _position(document: Any, loc: tuple[str | int, ...]) -> tuple[int, int] | No
 
 
 def _key_position(node: Any, key: str) -> tuple[int, int] | None:
-    return (node.lc.key(key)[0] + 1, node.lc.key(key)[1] + 1) if isinstance(node, CommentedMap) and key in node else None
+    try:
+        line, column = node.lc.key(key)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return line + 1, column + 1
 
 
 def _message(error: Mapping[str, Any]) -> str:

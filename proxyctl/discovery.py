@@ -59,30 +59,47 @@ class Pod:
 
 
 def parse_pod(obj: Any) -> Pod:
-    """A pod from the API's JSON; ValueError when it is not what a pod should be."""
+    """A pod from the API's JSON; ValueError, saying what is wrong, when it is not what a pod should be."""
     if not isinstance(obj, Mapping):
         raise ValueError("not an object")
-    metadata, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status")
+    metadata = _part(obj, "metadata", Mapping, "pod")
     name = metadata.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("no metadata.name")
+    where = f"pod {name}"
+    status = obj.get("status")
     if not isinstance(status, Mapping):
-        raise ValueError(f"pod {name}: no status")
+        raise ValueError(f"{where}: no status")
+    spec = _part(obj, "spec", Mapping, where)
     ip = status.get("podIP")
     if ip is not None:
         try:
-            ip = str(ipaddress.ip_address(ip))
+            ip = str(ipaddress.ip_address(ip if isinstance(ip, str) else ""))
         except ValueError:
-            raise ValueError(f"pod {name}: status.podIP {ip!r} is not an IP address") from None
-    conditions = status.get("conditions") or []
-    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    ports = {
-        str(p["name"]): int(p["containerPort"])
-        for container in spec.get("containers") or []
-        for p in (container.get("ports") or [])
-        if isinstance(p, Mapping) and p.get("name") and isinstance(p.get("containerPort"), int)
-    }
-    return Pod(name, str(spec.get("nodeName") or ""), ip, ready, bool(metadata.get("deletionTimestamp")), ports)
+            raise ValueError(f"{where}: status.podIP {ip!r} is not an IP address") from None
+    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in _part(status, "conditions", list, where))
+    ports: dict[str, int] = {}
+    for container in _part(spec, "containers", list, where):
+        for port in _part(container, "ports", list, where) if isinstance(container, Mapping) else []:
+            if not isinstance(port, Mapping) or not port.get("name"):
+                continue  # only named ports are looked up
+            number = port.get("containerPort")
+            if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+                raise ValueError(f"{where}: port {port['name']!r} has containerPort {number!r}")
+            ports[str(port["name"])] = number
+    node = spec.get("nodeName")
+    return Pod(name, node if isinstance(node, str) else "", ip, ready, bool(metadata.get("deletionTimestamp")), ports)
+
+
+def _part(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """`obj[key]` when it is of the expected kind; absent or null gives an empty one."""
+    value = obj.get(key)
+    if value is None:
+        return kind() if kind is list else {}
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: {key} is {type(value).__name__}, not {'a list' if kind is list else 'an object'}")
+    return value
 
 
 def backends_of(route: Route, pods: list[Pod]) -> list[Backend]:

@@ -171,21 +171,28 @@ _OPERATORS: dict[str, Operator] = {"In": "in", "NotIn": "notin", "Exists": "exis
 
 def selector_from_mapping(data: Mapping[str, Any]) -> Selector:
     """Parse the mapping form `{matchLabels: {...}, matchExpressions: [...]}`."""
-    unknown = set(data) - {"matchLabels", "matchExpressions"}
+    unknown = set(map(str, data)) - {"matchLabels", "matchExpressions"}
     if unknown:
         raise SelectorError(f"unknown selector key(s): {', '.join(sorted(unknown))}")
+    labels, expressions = data.get("matchLabels") or {}, data.get("matchExpressions") or []
+    if not isinstance(labels, Mapping):
+        raise SelectorError("matchLabels: must be a mapping of label keys to values")
+    if not isinstance(expressions, list):
+        raise SelectorError("matchExpressions: must be a list")
     requirements = [
-        Requirement(check_label_key(str(k)), "=", (check_label_value(_scalar(v)),))
-        for k, v in (data.get("matchLabels") or {}).items()
+        Requirement(check_label_key(str(k)), "=", (check_label_value(_scalar(v)),)) for k, v in labels.items()
     ]
-    for i, expr in enumerate(data.get("matchExpressions") or []):
+    for i, expr in enumerate(expressions):
         where = f"matchExpressions[{i}]"
         if not isinstance(expr, Mapping) or set(expr) - {"key", "operator", "values"}:
             raise SelectorError(f"{where}: must be a mapping of key, operator and values")
         operator = _OPERATORS.get(str(expr.get("operator")))
         if operator is None:
             raise SelectorError(f"{where}.operator: must be one of In, NotIn, Exists, DoesNotExist")
-        values = tuple(sorted({check_label_value(_scalar(v)) for v in expr.get("values") or []}))
+        raw_values = expr.get("values") or []
+        if not isinstance(raw_values, list):
+            raise SelectorError(f"{where}.values: must be a list")
+        values = tuple(sorted({check_label_value(_scalar(v)) for v in raw_values}))
         if (operator in ("in", "notin")) != bool(values):
             raise SelectorError(f"{where}.values: required for In/NotIn, forbidden for Exists/DoesNotExist")
         requirements.append(Requirement(check_label_key(str(expr.get("key", ""))), operator, values))

@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
+def plain_ip(value: object) -> str:
+    """An IPv4 or IPv6 address in canonical form; no zone (`%eth0`), nothing around it."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address")
+    address = ipaddress.ip_address(value)
+    if getattr(address, "scope_id", None):
+        raise ValueError(f"{value!r} has a zone; only plain addresses are used")
+    return str(address)
+
+
 @dataclass(frozen=True, order=True)
 class Backend:
     """One upstream server. The IP is checked, so it is safe to write into nginx.conf."""
@@ -15,7 +25,7 @@ class Backend:
     port: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ip", str(ipaddress.ip_address(self.ip)))
+        object.__setattr__(self, "ip", plain_ip(self.ip))
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range")
 

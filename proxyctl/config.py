@@ -7,10 +7,9 @@ everything wrong with a ConfigMap instead of one mistake per push.
 
 from __future__ import annotations
 
-import ipaddress
-from pathlib import Path
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
 from pydantic import (
@@ -28,8 +27,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.scalarstring import LiteralScalarString
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from proxyctl.backend import plain_ip
 from proxyctl.selector import Selector, SelectorError, parse_selector, selector_from_mapping
 
 CONFIGMAP_KEY = "proxyctl.yaml"
@@ -103,7 +104,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        match = _DURATION.fullmatch(str(value))
         seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
     if not 0.001 <= seconds <= MAX_DURATION:  # also false for NaN
         raise ValueError(f"must be a duration from 1ms to 24h like '500ms', '10s', '5m' or '1h', got {value!r}")
@@ -124,7 +125,7 @@ def _check_target_port(value: Any) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
     if isinstance(value, str) and (
-        len(value) <= 15 and _PORT_NAME.match(value) and re.search("[a-z]", value) and "--" not in value
+        len(value) <= 15 and _PORT_NAME.fullmatch(value) and re.search("[a-z]", value) and "--" not in value
     ):
         return value
     raise ValueError(f"must be a port number (1-65535) or a container port name, got {value!r}")
@@ -163,7 +164,7 @@ class Route(_Model):
     @classmethod
     def _check_dns_label(cls, value: str | None) -> str | None:
         """Names and namespaces are DNS labels, as in Kubernetes; that also keeps nginx syntax out."""
-        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
+        if value is not None and (len(value) > 63 or not _DNS_LABEL.fullmatch(value)):
             raise ValueError(f"must be 1-63 characters of [a-z0-9-], not starting or ending with '-', got {value!r}")
         return value
 
@@ -194,7 +195,7 @@ class Config(_Model):
     @classmethod
     def _check_listen_address(cls, value: str) -> str:
         try:
-            return str(ipaddress.ip_address(value))
+            return plain_ip(value)
         except ValueError:
             raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}") from None
 
@@ -203,8 +204,8 @@ class Config(_Model):
     def _check_health(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
         try:
-            ipaddress.ip_address(host.strip("[]"))
-            ok = 1 <= int(port) <= 65535
+            plain_ip(host.strip("[]"))
+            ok = port.isdigit() and 1 <= int(port) <= 65535
         except ValueError:
             ok = False
         if not ok:
@@ -481,11 +482,14 @@ def check_file(text: str, source: str) -> list[Problem]:
             line, column = data.lc.line + 1, data.lc.col + 1
             problems.append(Problem(source, line, column, "data", f"the config must be under the key {CONFIGMAP_KEY!r}"))
             continue
-        first_line = data.lc.value(CONFIGMAP_KEY)[0] + 1  # a `key: |` block starts on the next line
+        value_line, value_column = data.lc.value(CONFIGMAP_KEY)
         try:
             load_config(str(data[CONFIGMAP_KEY]), source)
         except ConfigError as exc:
-            problems += [_shift(p, first_line, text) for p in exc.problems]
+            if isinstance(data[CONFIGMAP_KEY], LiteralScalarString):  # `key: |` keeps lines: map each one
+                problems += [_shift(p, value_line + 1, text) for p in exc.problems]
+            else:  # a quoted or folded string: point at the string itself
+                problems += [Problem(source, value_line + 1, value_column + 1, p.path, p.message) for p in exc.problems]
     return problems
 
 

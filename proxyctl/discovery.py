@@ -9,7 +9,6 @@ timeout) — the way kopf handles resumption, and what a watch needs to never go
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import random
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from proxyctl.backend import Backend
+from proxyctl.backend import Backend, plain_ip
 from proxyctl.config import Config, Route
 from proxyctl.kube import Api, Identity, identity
 
@@ -74,7 +73,7 @@ def parse_pod(obj: Any) -> Pod:
     ip = status.get("podIP")
     if ip is not None:
         try:
-            ip = str(ipaddress.ip_address(ip if isinstance(ip, str) else ""))
+            ip = plain_ip(ip)
         except ValueError:
             raise ValueError(f"{where}: status.podIP {ip!r} is not an IP address") from None
     ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"

@@ -25,9 +25,9 @@ def check_label_key(key: str) -> str:
     """Validate a label key: optional DNS-subdomain prefix, '/', then a name of ≤ 63 chars."""
     prefix, slash, name = key.rpartition("/")
     if slash:
-        if not prefix or len(prefix) > 253 or not all(_DNS_LABEL.match(p) for p in prefix.split(".")):
+        if not prefix or len(prefix) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in prefix.split(".")):
             raise SelectorError(f"label key {key!r}: prefix must be a DNS subdomain")
-    if not name or len(name) > 63 or not _NAME.match(name):
+    if not name or len(name) > 63 or not _NAME.fullmatch(name):
         raise SelectorError(
             f"label key {key!r}: name must be 1-63 characters of [A-Za-z0-9-_.], "
             "starting and ending with a letter or digit"
@@ -37,7 +37,7 @@ def check_label_key(key: str) -> str:
 
 def check_label_value(value: str) -> str:
     """Validate a label value: empty, or ≤ 63 chars of [A-Za-z0-9-_.] with alphanumeric ends."""
-    if value and (len(value) > 63 or not _NAME.match(value)):
+    if value and (len(value) > 63 or not _NAME.fullmatch(value)):
         raise SelectorError(
             f"label value {value!r}: must be at most 63 characters of [A-Za-z0-9-_.], "
             "starting and ending with a letter or digit"

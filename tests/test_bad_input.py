@@ -164,8 +164,6 @@ def test_configmap_manifests_with_a_block_config_give_located_errors(data: dict[
     assert_checks_cleanly(manifest(dump(data), block=True))
 
 
-@pytest.mark.xfail(strict=True, reason="check_file shifts positions as if the config were a `|` block: "
-                                       "a quoted one gets lines past the end of the file")
 @FUZZ
 @example(ONCE_CRASHED[0])
 @given(configs)
@@ -241,12 +239,6 @@ FIELDS: list[tuple[str, str, Callable[[dict[str, Any], Any], None], list[str]]] 
     ("health", "health", top_field("health"), ["127.0.0.1:9901", "[::1%lo]:9901"]),
     ("watchTimeout", "watchTimeout", top_field("watchTimeout"), ["2s"]),
 ]
-# Known: these take a trailing newline (`$` in their patterns), an IPv6 zone ("::1%;}"), or a sloppy int().
-KNOWN = pytest.mark.xfail(strict=True, reason="accepts hostile values: see the proposed fixes")
-LEAKY = {"name", "matchLabels value", "matchLabels key", "matchExpressions", "namespace", "targetPort",
-         "listenAddress", "health"}
-
-
 def strings(config: Config) -> str:
     """Every value the validated config holds, as text: what could reach nginx.conf or a socket."""
     def leaves(value: Any) -> Iterable[str]:
@@ -268,7 +260,7 @@ def leaks(fragment: str, accepted: str, baseline: str) -> bool:
 
 @pytest.mark.parametrize(
     "field, path, set_value, valid",
-    [pytest.param(*f, marks=[KNOWN] if f[0] in LEAKY else [], id=f[0]) for f in FIELDS])
+    [pytest.param(*f, id=f[0]) for f in FIELDS])
 def test_hostile_values_are_rejected_with_a_located_error_or_never_reach_nginx(
         field: str, path: str, set_value: Callable[[dict[str, Any], Any], None], valid: list[str]) -> None:
     benign = load_config(dump(base()), SOURCE)
@@ -302,7 +294,7 @@ ENV_FIELDS = [("PORT", "PORT/SOURCE_PORT", "8125"), ("SOURCE_PORT", "PORT/SOURCE
 
 @pytest.mark.parametrize(
     "variable, path, valid",
-    [pytest.param(*f, marks=[KNOWN] if f[0] in ("TARGET_PORT", "NAMESPACE") else [], id=f[0]) for f in ENV_FIELDS])
+    [pytest.param(*f, id=f[0]) for f in ENV_FIELDS])
 def test_hostile_values_in_the_environment_shorthand_are_rejected_or_normalised(
         variable: str, path: str, valid: str) -> None:
     env = {"PORT": "8125", "SELECTOR": "app=agent", "PROTOCOL": "udp", "NAMESPACE": NS, "TARGET_PORT": "statsd"}
@@ -340,20 +332,19 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 PORT_PATH = "spec.containers.0.ports.0.containerPort"
-# (what is wrong, the mutation, what the skip line says, a known bug)
+# (what is wrong, the mutation, what the skip line says)
 BAD_PODS = [
-    ("podIP not an IP", _set("status.podIP", "not-an-ip"), "is not an IP address", None),
-    ("podIP with nginx syntax", _set("status.podIP", "127.0.0.9; } stream {"), "is not an IP address", None),
-    ("podIP IPv6 with a zone", _set("status.podIP", "fe80::9%eth0;}"), "is not an IP address",
-     "the zone passes ipaddress and is rendered: nginx -t fails on every later change"),
-    ("podIP a number", _set("status.podIP", 2130706441), "is not an IP address", None),
-    ("no status", _set("status", ...), "no status", None),
-    ("status a list", _set("status", []), "no status", None),
-    ("conditions a number", _set("status.conditions", 5), "conditions", None),
-    ("containers a string", _set("spec.containers", "app"), "containers", None),
-    ("containerPort out of range", _set(PORT_PATH, 99999), "containerPort", None),
-    ("containerPort a string", _set(PORT_PATH, "8125"), "containerPort", None),
-    ("no metadata.name", _set("metadata.name", ...), "no metadata.name", None),
+    ("podIP not an IP", _set("status.podIP", "not-an-ip"), "is not an IP address"),
+    ("podIP with nginx syntax", _set("status.podIP", "127.0.0.9; } stream {"), "is not an IP address"),
+    ("podIP IPv6 with a zone", _set("status.podIP", "fe80::9%eth0;}"), "is not an IP address"),
+    ("podIP a number", _set("status.podIP", 2130706441), "is not an IP address"),
+    ("no status", _set("status", ...), "no status"),
+    ("status a list", _set("status", []), "no status"),
+    ("conditions a number", _set("status.conditions", 5), "conditions"),
+    ("containers a string", _set("spec.containers", "app"), "containers"),
+    ("containerPort out of range", _set(PORT_PATH, 99999), "containerPort"),
+    ("containerPort a string", _set(PORT_PATH, "8125"), "containerPort"),
+    ("no metadata.name", _set("metadata.name", ...), "no metadata.name"),
 ]
 
 
@@ -365,8 +356,7 @@ def server_lines(sidecar) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mutate, says",
-    [pytest.param(m, s, id=name, marks=[pytest.mark.xfail(strict=True, reason=bug)] if bug else [])
-     for name, m, s, bug in BAD_PODS])
+    [pytest.param(m, s, id=name) for name, m, s in BAD_PODS])
 def test_a_malformed_pod_from_the_api_is_skipped_with_a_log_line_and_never_rendered(
         mutate: Callable[[dict[str, Any]], None], says: str, kube_api: KubeApiServer, proxyctl) -> None:
     port = free_port()

@@ -239,6 +239,8 @@ FIELDS: list[tuple[str, str, Callable[[dict[str, Any], Any], None], list[str]]] 
     ("health", "health", top_field("health"), ["127.0.0.1:9901", "[::1%lo]:9901"]),
     ("watchTimeout", "watchTimeout", top_field("watchTimeout"), ["2s"]),
 ]
+
+
 def strings(config: Config) -> str:
     """Every value the validated config holds, as text: what could reach nginx.conf or a socket."""
     def leaves(value: Any) -> Iterable[str]:

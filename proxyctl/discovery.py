@@ -168,6 +168,8 @@ class PodWatch:
         self._lock = threading.Lock()
         self.synced = threading.Event()
         self.restarts = 0
+        self._failures = 0  # consecutive failed attempts; reset by the first answer that works
+        self._last_error = ""  # said once per kind of failure, not once per retry
         self.last_activity = time.monotonic()
         self.connected = False
         self._stop = threading.Event()
@@ -189,16 +191,13 @@ class PodWatch:
 
     def _run(self) -> None:
         version: str | None = None
-        failures = 0
-        last_error = ""
         while not self._stop.is_set():
             try:
                 if version is None:
                     version = self._list()
+                    self._recovered()
                 version = self._watch(version)
-                if failures:
-                    log.info("%s: watching again after %d failed attempt(s)", self.key, failures)
-                failures, last_error = 0, ""
+                self._recovered()
                 continue
             except Gone:
                 log.info("%s: resourceVersion %s expired (410 Gone); listing again", self.key, version)
@@ -223,13 +222,19 @@ class PodWatch:
                 self._response = None
             if self._stop.is_set():
                 return
-            failures += 1
+            self._failures += 1
             self.restarts += 1
-            if error != last_error:  # once per kind of failure, not once per retry
+            if error != self._last_error:  # once per kind of failure, not once per retry
                 log.warning("%s: %s; retrying with backoff", self.key, error)
-                last_error = error
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(failures - 1, 10))
+                self._last_error = error
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self._failures - 1, 10))
             self._stop.wait(random.uniform(delay / 2, delay))
+
+    def _recovered(self) -> None:
+        """The API answers again: say so once, and start the next failure's backoff afresh."""
+        if self._failures:
+            log.info("%s: watching again after %d failed attempt(s)", self.key, self._failures)
+        self._failures, self._last_error = 0, ""
 
     def _describe(self, exc: ApiException) -> str:
         if exc.status == 403:
@@ -263,6 +268,7 @@ class PodWatch:
         self.last_activity = time.monotonic()
         for line in _lines(response):
             self.last_activity = time.monotonic()
+            self._recovered()
             event = json.loads(line)
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":

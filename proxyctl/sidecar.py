@@ -47,6 +47,7 @@ class Sidecar:
         self.stream_module = stream_module()
         self.applied = ""  # the text nginx serves now
         self.applied_endpoints: dict[str, list[str]] = {}
+        self.applied_config = config  # the config nginx serves: what /readyz and /routes describe
         self.reloads = self.reload_failures = self.nginx_restarts = 0
         self._nginx_started_at = 0.0
         self._restart_delay = 0.0
@@ -98,8 +99,10 @@ class Sidecar:
 
     def _converge(self) -> None:
         """Render; when the text differs from what nginx serves, test it and reload."""
+        assert self.discovery is not None
         text, endpoints = self._render(self.config)
         if text == self.applied:
+            self.applied_config = self.config  # e.g. only logLevel changed: nginx serves it already
             return
         try:
             self.nginx.test(text)
@@ -110,8 +113,11 @@ class Sidecar:
             self.config_valid = False
             log.error("nginx rejected the new config; the last good one keeps serving: %s", exc)
             self.nginx.write(self.applied)  # a restarted nginx must come back with the good one
+            if self.config is not self.applied_config:  # so later pod changes render the good one too
+                self.config = self.applied_config
+                self.discovery.set_routes(self.config.routes, self.config.watch_timeout)
             return
-        self.applied, self.applied_endpoints = text, endpoints
+        self.applied, self.applied_endpoints, self.applied_config = text, endpoints, self.config
         self.reloads += 1
         log.info("reloaded nginx: %s", _summary(endpoints))
 
@@ -180,7 +186,7 @@ class Sidecar:
         assert self.discovery is not None
         routes = [
             health.RouteStatus(r.key, r.port, r.protocol, self.applied_endpoints.get(r.key, []))
-            for r in self.config.routes
+            for r in self.applied_config.routes
         ]
         ready = []
         if not self.nginx.running:

@@ -76,7 +76,10 @@ class Proxyctl:
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         if wait_ready:
-            wait_for(lambda: self.get("/readyz")[0] == 200, 20, what=f"/readyz 200; log:\n{self.log()}")
+            try:
+                wait_for(lambda: self.get("/readyz")[0] == 200, 20, what="/readyz 200")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; log:\n{self.log()}") from None
         return self
 
     def get(self, path: str) -> tuple[int, str]:

@@ -483,8 +483,6 @@ def test_healthz_fails_only_while_a_watch_is_connected_but_silent_past_twice_its
     assert report.ready_failures == [] and report.tcp_failures == [] and report.udp_loss < 0.002, report
 
 
-@pytest.mark.xfail(strict=True, reason="'watching again' is logged when the recovered watch ends, up to "
-                                       "watchTimeout (default 5m) after the recovery")
 @pytest.mark.timeout(60)
 def test_recovery_is_said_when_it_happens(kube_api: KubeApiServer, proxyctl, udp_sinks) -> None:
     port = free_port()
@@ -551,13 +549,9 @@ def test_a_hundred_reloads_under_load_fail_no_tcp_request_and_lose_almost_no_udp
     assert report.held_opened >= 18  # held connections lived through reloads and were replaced meanwhile
     assert report.udp_loss < 0.001, report
     assert report.health_failures == []
-    # Known (see test_readyz_stays_ready_while_a_config_swap_adds_a_route): while a swap that adds
-    # a route waits for its pods and the reload, /readyz says 503 for ~0.1 s. Make this `== []` with the fix.
-    assert all(failure == "503 route extra has no backend" for failure in report.ready_failures), report
+    assert report.ready_failures == [], report
 
 
-@pytest.mark.xfail(strict=True, reason="/readyz judges the new config's routes against the backends nginx "
-                                       "still serves for the old one, until the reload")
 def test_readyz_stays_ready_while_a_config_swap_adds_a_route(kube_api: KubeApiServer, proxyctl) -> None:
     port, added = free_port(), free_port()
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip=OLD)

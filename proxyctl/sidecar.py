@@ -92,6 +92,9 @@ class Sidecar:
             log.error("rejected the new config; the last good one keeps serving:\n%s", exc)
             return
         log.info("config accepted: %d route(s)", len(candidate.routes))
+        if candidate.health != self.config.health:
+            log.warning("health moves to %s only when proxyctl restarts; it stays on %s", candidate.health,
+                        self.config.health)
         logs.setup(candidate.log_level, self.env)
         self.config, self.config_valid = candidate, True
         self.discovery.set_routes(candidate.routes, candidate.watch_timeout)

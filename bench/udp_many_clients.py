@@ -1,30 +1,22 @@
-"""2,000 DogStatsD clients through nginx: does every datagram arrive?
+"""Case udp-many: 2,000 DogStatsD clients through nginx. Does every datagram arrive?
 
-Three contenders run side by side on the same nginx binary, alternating within each repeat so
-that a noisy box shifts them all alike:
+Three contenders on the same nginx binary, alternating within each repeat so that a noisy
+box shifts them all alike:
 
   direct    clients send straight to the sink: the ceiling of this load generator and sink;
   proxyctl  nginx on the config `proxyctl.render.render` produces for one udp route;
   original  nginx on the kube-collocated-pod-proxy image's config (`proxy_responses 1`,
             `proxy_timeout 1s`, 1024 worker_connections), made runnable unprivileged on loopback.
-
-    python -m bench.udp_many_clients [--rates 10000,30000,60000] [--seconds 3] [--clients 2000] [--repeats 3]
-                                     [--senders N]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import subprocess
-import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
+from bench.report import CaseResult, Table, Target, median
 from bench.udpload import (
     DOGSTATSD_DATAGRAM,
     SINK_RCVBUF,
@@ -43,9 +35,21 @@ from proxyctl.nginx import stream_module
 from proxyctl.render import render
 from tests.support import free_port
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 LISTEN_HOST = "127.0.0.1"
 SINK_HOST = "127.0.0.2"
 CONTENDERS = ("direct", "proxyctl", "original")
+CLIENTS = 2000
+RATES = (10_000, 30_000, 60_000)
+TARGET_RATE = 30_000
+ABOUT = ("DogStatsD-sized datagrams ({size} bytes) from {clients:,} client sockets (one source port each, as many "
+         "application processes would), paced at each rate for {seconds:g} s, {repeats} round(s) of the three "
+         "contenders: **direct** to the sink (the ceiling of the generator and sink), **proxyctl**'s rendered config, "
+         "and the **original** image's config (`proxy_responses 1`, `proxy_timeout 1s`, 1024 worker_connections), "
+         "all on the same nginx. *Delivered* is datagrams counted at the sink over datagrams the kernel accepted "
+         "from the clients; the drop columns are the kernel's counters for the receiving sockets.")
 
 # The original image's nginx.conf, plus what it takes to run it here: the module line, and
 # pid and log in our state directory like proxyctl's template, so it needs no root.
@@ -60,7 +64,7 @@ stream {{ server {{ listen {listen}:{port} udp; proxy_pass {sink}:{port}; proxy_
 
 
 def proxyctl_config(port: int, module: str | None) -> Callable[[Path], str]:
-    config = load_config(f"routes:\n  - {{name: dogstatsd, port: {port}, protocol: udp, selector: app=datadog-agent}}\n")
+    config = load_config(f"routes:\n  - {{name: dogstatsd, port: {port}, protocol: udp, selector: app=dd-agent}}\n")
     endpoints = {"dogstatsd": [Backend(SINK_HOST, port)]}
     return lambda state_dir: render(config, endpoints, state_dir, module)
 
@@ -113,79 +117,75 @@ def run_trial(contender: str, rate: int, seconds: float, clients: int, senders: 
 
 def _describe(trial: Trial) -> str:
     log = "; ".join(f"{n} x {message}" for message, n in sorted(trial.nginx_log.items(), key=lambda kv: -kv[1]))
-    return (f"{trial.contender:9} {trial.rate:>7,}/s  delivered {trial.delivered:>8,}/{trial.sent.sent:<8,} "
+    return (f"  {trial.contender:9} {trial.rate:>7,}/s  delivered {trial.delivered:>8,}/{trial.sent.sent:<8,} "
             f"{trial.fraction:8.2%}  sent at {trial.sent.rate:>7,.0f}/s  drops: nginx socket {trial.listen_drops:,}, "
             f"sink socket {trial.sink_drops:,}" + (f"  nginx: {log}" if log else ""))
 
 
-def print_table(trials: Sequence[Trial], rates: Sequence[int], repeats: int) -> None:
-    print(f"\nMedian of {repeats} repeat(s) per cell; delivered = datagrams at the sink / datagrams sent.")
-    header = (f"{'rate/s':>8}  {'contender':9}  {'delivered':>9}  {'sent/s':>8}  {'lost@nginx sock':>15}  "
-              f"{'lost@sink sock':>14}  nginx log, warn and worse")
-    print(header)
-    print("-" * len(header))
-    short: list[str] = []
+def _cell(trials: Sequence[Trial], rate: int, contender: str) -> list[Trial]:
+    return [t for t in trials if t.rate == rate and t.contender == contender]
+
+
+def _table(trials: Sequence[Trial], rates: Sequence[int]) -> Table:
+    rows = []
     for rate in rates:
+        direct = median([t.fraction for t in _cell(trials, rate, "direct")])
         for contender in CONTENDERS:
-            cell = [t for t in trials if t.rate == rate and t.contender == contender]
-            if not cell:
-                continue
-            messages = {m for t in cell for m in t.nginx_log}
-            log = "; ".join(f"{statistics.median(t.nginx_log.get(m, 0) for t in cell):,.0f} x {m}"
-                            for m in sorted(messages))
-            print(f"{rate:>8,}  {contender:9}  {statistics.median(t.fraction for t in cell):>9.2%}  "
-                  f"{statistics.median(t.sent.rate for t in cell):>8,.0f}  "
-                  f"{statistics.median(t.listen_drops for t in cell):>15,.0f}  "
-                  f"{statistics.median(t.sink_drops for t in cell):>14,.0f}  {log or '-'}")
-            short += [f"{contender} at {rate:,}/s: generator sent {t.sent.attempted:,} of {t.sent.planned:,} at "
-                      f"{t.sent.rate:,.0f}/s ({t.sent.failed:,} send errors)" for t in cell if not t.sent.reached]
-    print(f"\nlost@... = kernel drops at that socket (full receive buffer, /proc/net/udp); sink SO_RCVBUF "
-          f"granted: {sorted({t.sink_rcvbuf for t in trials})} bytes (Linux grants 2 x min(request, rmem_max)).")
-    if short:
-        print("\nWARNING: the load generator did NOT reach the requested rate in these trials:")
-        print("\n".join(f"  {line}" for line in short))
-    else:
-        print("\nThe load generator reached every requested rate (>= 98%, all datagrams sent).")
+            cell = _cell(trials, rate, contender)
+            messages = sorted({m for t in cell for m in t.nginx_log})
+            log = "; ".join(f"{median([t.nginx_log.get(m, 0) for t in cell]):,.0f} x {m}" for m in messages)
+            fraction = median([t.fraction for t in cell])
+            rows.append([f"{rate:,}", contender, f"{fraction:.2%}", f"{fraction / direct:.3f}" if direct else "-",
+                         f"{median([t.sent.rate for t in cell]):,.0f}",
+                         f"{median([t.listen_drops for t in cell]):,.0f}",
+                         f"{median([t.sink_drops for t in cell]):,.0f}", log or "-"])
+    return Table(["rate/s", "contender", "delivered", "x direct", "sent/s", "lost at nginx socket",
+                  "lost at sink socket", "nginx warnings and worse"], rows, "rlrrrrrl")
 
 
-def _rates(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+def _plot(trials: Sequence[Trial], rates: Sequence[int]) -> Callable[[Axes], None]:
+    def plot(ax: Axes) -> None:
+        width = 0.8 / len(CONTENDERS)
+        for k, contender in enumerate(CONTENDERS):
+            values = [100 * median([t.fraction for t in _cell(trials, rate, contender)]) for rate in rates]
+            bars = ax.bar([i + (k - 1) * width for i in range(len(rates))], values, width, label=contender)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(rates)), [f"{rate // 1000}k/s" for rate in rates])
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("delivered %")
+        ax.set_title(f"UDP, {CLIENTS:,} clients: datagrams delivered")
+        ax.legend(fontsize=8, loc="lower left")
+    return plot
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.udp_many_clients", description=__doc__.split("\n")[0])
-    parser.add_argument("--rates", type=_rates, default=[10000], help="datagrams/s, comma separated (10000)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="sending time per trial (3)")
-    parser.add_argument("--clients", type=int, default=2000, help="client sockets = distinct source ports (2000)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of direct, proxyctl, original (3)")
-    parser.add_argument("--senders", type=int, default=0,
-                        help="sender processes; 0 = 1 up to 20000/s, else 2 (0)")
-    args = parser.parse_args(argv)
-    if (not args.rates or not all(1 <= rate <= 200_000 for rate in args.rates) or not 1 <= args.clients <= 10_000
-            or not 0 < args.seconds <= 30 or not 1 <= args.repeats <= 20 or not 0 <= args.senders <= 8):
-        parser.error("keep --rates in 1..200000, --clients in 1..10000, --seconds in (0, 30], --repeats in 1..20, "
-                     "--senders in 0..8")
-
-    fd_limit = raise_fd_limit(args.clients + 256)
+def run(quick: bool) -> CaseResult:
+    """Each rate, `repeats` rounds of direct, proxyctl, original."""
+    rates, seconds, repeats = RATES, (1.5 if quick else 3.0), (1 if quick else 3)
+    raise_fd_limit(CLIENTS + 256)
     module = stream_module()
-    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     trials: list[Trial] = []
-    started = time.monotonic()
     with rmem_max_at_least(SINK_RCVBUF) as rmem:
-        print(f"{nginx_version}; {os.cpu_count()} CPUs; {args.clients:,} clients x {len(DOGSTATSD_DATAGRAM)}-byte "
-              f"datagrams for {args.seconds:g} s; RLIMIT_NOFILE {fd_limit}")
-        print(rmem.describe(SINK_RCVBUF))
-        for rate in args.rates:
-            senders = args.senders or (1 if rate <= 20000 else 2)
-            for _ in range(args.repeats):
+        print(f"  {rmem.describe(SINK_RCVBUF)}")
+        for rate in rates:
+            senders = 1 if rate <= 20000 else 2
+            for _ in range(repeats):
                 for contender in CONTENDERS:
-                    trial = run_trial(contender, rate, args.seconds, args.clients, senders, module)
+                    trial = run_trial(contender, rate, seconds, CLIENTS, senders, module)
                     trials.append(trial)
                     print(_describe(trial), flush=True)
-    print_table(trials, args.rates, args.repeats)
-    print(f"\n{len(trials)} trials in {time.monotonic() - started:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result = CaseResult(
+        "udp-many", "UDP, many clients", ABOUT.format(clients=CLIENTS, size=len(DOGSTATSD_DATAGRAM), seconds=seconds,
+                                                      repeats=repeats),
+        tables=[_table(trials, rates)], plot=_plot(trials, rates))
+    result.notes.append(f"{rmem.describe(SINK_RCVBUF)}; sink SO_RCVBUF granted "
+                        f"{sorted({t.sink_rcvbuf for t in trials})} bytes (Linux grants 2 x min(request, rmem_max)).")
+    short = [f"{t.contender} at {t.rate:,}/s: the generator sent {t.sent.attempted:,} of {t.sent.planned:,} at "
+             f"{t.sent.rate:,.0f}/s ({t.sent.failed:,} send errors)" for t in trials if not t.sent.reached]
+    result.notes.append("The load generator did NOT reach the requested rate in: " + "; ".join(short) if short else
+                        "The load generator reached every requested rate (>= 98 %, every datagram sent).")
+    at = {c: median([t.fraction for t in _cell(trials, TARGET_RATE, c)]) for c in CONTENDERS}
+    result.targets.append(Target(
+        f"proxyctl delivers >= 99.9 % at {TARGET_RATE // 1000}k datagrams/s",
+        f"proxyctl {at['proxyctl']:.2%} (original config {at['original']:.2%}, direct {at['direct']:.2%})",
+        at["proxyctl"] >= 0.999))
+    return result

@@ -33,7 +33,8 @@ from proxyctl.nginx import Nginx
 Address = tuple[str, int]
 
 # A typical DogStatsD metric with tags: 100 bytes, like what an application's client sends.
-DOGSTATSD_DATAGRAM = b"app.requests.count:1|c|#env:prod,service:web,version:2.14.1,region:eu-west-1,pod:web-7d9f8b6c4-x2k9p"
+DOGSTATSD_DATAGRAM = (b"app.requests.count:1|c|#env:prod,service:web,version:2.14.1,region:eu-west-1,"
+                      b"pod:web-7d9f8b6c4-x2k9p")
 
 SINK_RCVBUF = 8 << 20
 RMEM_MAX = Path("/proc/sys/net/core/rmem_max")
@@ -286,26 +287,26 @@ def send_paced(target: Address, rate: float, seconds: float, clients: int, paylo
             process.start()
             child.close()
             workers.append((process, parent))
-        for process, control in workers:
+        for worker, control in workers:
             if not control.poll(setup_timeout) or control.recv() != "ready":
-                raise RuntimeError(f"{process.name} did not open its sockets within {setup_timeout}s")
+                raise RuntimeError(f"{worker.name} did not open its sockets within {setup_timeout}s")
         start = time.monotonic() + 0.05
         for _, control in workers:
             control.send(start)
         attempted = failed = 0
         duration = 0.0
-        for process, control in workers:
+        for worker, control in workers:
             if not control.poll(give_up_after + 10):
-                raise RuntimeError(f"{process.name} did not report within {give_up_after + 10}s")
+                raise RuntimeError(f"{worker.name} did not report within {give_up_after + 10}s")
             a, f, d = control.recv()
             attempted, failed, duration = attempted + a, failed + f, max(duration, d)
         return SendResult(rate, planned, attempted, failed, duration)
     finally:
-        for process, control in workers:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        for worker, control in workers:
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
             control.close()
 
 
@@ -334,28 +335,37 @@ class RunningNginx:
 
 
 @contextmanager
+def nginx_log_tally() -> Iterator[NginxLog]:
+    """Count what nginx logs at warn and worse instead of printing it (an overloaded nginx logs an
+    alert per dropped datagram)."""
+    logger = logging.getLogger("proxyctl.nginx")
+    handler, propagate, level = NginxLog(), logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        logger.setLevel(level)
+
+
+@contextmanager
 def nginx_running(config_for: Callable[[Path], str]) -> Iterator[RunningNginx]:
     """Run nginx on `config_for(state_dir)` in a fresh temporary directory; stop it on exit.
 
     The config must log to stderr (`error_log stderr ...`): that is how `Nginx` sees workers start,
     and how the bench counts nginx's own complaints such as `worker_connections are not enough`.
     """
-    logger = logging.getLogger("proxyctl.nginx")
-    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory:
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory, nginx_log_tally() as log:
         state_dir = Path(directory)
         text = config_for(state_dir)
         nginx = Nginx(state_dir)
         nginx.test(text)
         nginx.write(text)
-        handler, propagate, level = NginxLog(), logger.propagate, logger.level
-        logger.addHandler(handler)
-        logger.propagate = False  # an overloaded nginx logs an alert per dropped datagram
-        logger.setLevel(logging.DEBUG)
         try:
             nginx.start()
-            yield RunningNginx(nginx, handler)
+            yield RunningNginx(nginx, log)
         finally:
             nginx.stop(grace=5)
-            logger.removeHandler(handler)
-            logger.propagate = propagate
-            logger.setLevel(level)

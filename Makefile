@@ -19,3 +19,7 @@ schema:
 # Real nginx under proxyctl, a test API server, and DogStatsD traffic on 127.0.0.x only.
 demo: deps
 	$(PYTHON) examples/demo.py
+
+# The benchmarks of docs/benchmarks.md; they also need redis-server, redis-tools, haproxy and matplotlib.
+bench: deps
+	$(PYTHON) -m bench

@@ -124,7 +124,7 @@ class Nginx:
             with self._changed:
                 if "start worker process " in line:
                     self._workers_started += 1
-                elif level in ("emerg", "alert") and len(self._errors) < 10:  # a flood of alerts must not grow it
+                elif level == "emerg" and len(self._errors) < 10:  # what makes nginx keep its old config
                     self._errors.append(_message(line))
                 self._changed.notify_all()
 

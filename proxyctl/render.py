@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -12,9 +13,10 @@ from proxyctl.backend import Backend
 from proxyctl.config import Config
 
 # Each connection slot costs memory in every worker (about 6.5 MB per 16k here), so size the
-# table to the routes: UDP with `proxy_responses 0` frees its slots at once; TCP holds two
-# (client and upstream) for as long as a stream lives.
+# table to the routes, up to a cap: UDP with `proxy_responses 0` frees its slots at once; TCP
+# holds two (client and upstream) for as long as a stream lives. Each slot may need a file.
 CONNECTIONS_PER_ROUTE = 1024
+MAX_CONNECTIONS = 16384
 WORKER_SHUTDOWN_TIMEOUT = "30s"
 # Bursts of datagrams wait here while the worker is busy (the kernel's default of ~208 KiB
 # lost up to 1% at 30k datagrams/s). The kernel caps it at 2 × net.core.rmem_max.
@@ -33,15 +35,9 @@ def _seconds(value: float) -> str:
     return f"{round(value * 1000)}ms"
 
 
-def render(
-    config: Config,
-    endpoints: Mapping[str, Sequence[Backend]],
-    state_dir: Path,
-    stream_module: str | None = None,
-    template: Path | None = None,
-) -> str:
-    """The complete nginx.conf for `config` with `endpoints` (route name → backends)."""
-    path = template or default_template()
+@functools.lru_cache(maxsize=4)
+def _template(path: Path) -> jinja2.Template:
+    """Compiled once: recompiling on every pod change cost ~5 ms of each reload."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(path.parent),
         trim_blocks=True,
@@ -49,14 +45,35 @@ def render(
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
+    return env.get_template(path.name)
+
+
+def worker_connections(routes: int, open_files: int | None) -> int:
+    """Slots for `routes` routes, within the cap and within the open files nginx may have."""
+    wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * max(2, routes))
+    return wanted if open_files is None else max(64, min(wanted, (open_files - 64) // 2))
+
+
+def render(
+    config: Config,
+    endpoints: Mapping[str, Sequence[Backend]],
+    state_dir: Path,
+    stream_module: str | None = None,
+    template: Path | None = None,
+    open_files: int | None = None,
+) -> str:
+    """The complete nginx.conf for `config` with `endpoints` (route name → backends).
+
+    `open_files` is the open-file limit nginx inherits; the connection table stays within it.
+    """
     host = config.listen_address
-    return env.get_template(path.name).render(
+    return _template(template or default_template()).render(
         routes=config.routes,
         endpoints={name: sorted(backends) for name, backends in endpoints.items()},
         listen_host=f"[{host}]" if ":" in host else host,
         state_dir=state_dir,
         stream_module=stream_module,
-        worker_connections=CONNECTIONS_PER_ROUTE * max(2, len(config.routes)),
+        worker_connections=worker_connections(len(config.routes), open_files),
         worker_shutdown_timeout=WORKER_SHUTDOWN_TIMEOUT,
         udp_receive_buffer=UDP_RECEIVE_BUFFER,
         seconds=_seconds,

@@ -8,6 +8,7 @@ decides, so there is never a race between two reloads.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ FIRST_SYNC_TIMEOUT = 5.0  # start nginx after this even if a watch has not liste
 NEW_ROUTE_SYNC_TIMEOUT = 2.0
 STOP_GRACE = 25.0  # within Kubernetes' default 30 s termination grace period
 RESTART_BACKOFF_MAX = 30.0
+MAX_OPEN_FILES = 1 << 20  # what an unlimited open-file limit counts as
 
 
 class Sidecar:
@@ -45,6 +47,7 @@ class Sidecar:
         self._wake = threading.Event()
         self.nginx = Nginx(state_dir, on_exit=self._wake.set)
         self.stream_module = stream_module()
+        self.open_files = _raise_open_files_limit()
         self.applied = ""  # the text nginx serves now
         self.applied_endpoints: dict[str, list[str]] = {}
         self.applied_config = config  # the config nginx serves: what /readyz and /routes describe
@@ -74,7 +77,7 @@ class Sidecar:
         """The nginx.conf for `config` with the backends known now, and those backends by route."""
         assert self.discovery is not None
         endpoints = self.discovery.endpoints()
-        text = render(config, endpoints, self.nginx.state_dir, self.stream_module, self.template)
+        text = render(config, endpoints, self.nginx.state_dir, self.stream_module, self.template, self.open_files)
         return text, {name: [str(b) for b in backends] for name, backends in endpoints.items()}
 
     def _try_new_config(self) -> None:
@@ -200,6 +203,15 @@ class Sidecar:
         alive = [f"watch stalled: {key}" for key in self.discovery.stalled()]
         return health.Status(alive, ready, routes, self.reloads, self.reload_failures, self.config_valid,
                              self.discovery.restarts, self.nginx_restarts)
+
+
+def _raise_open_files_limit() -> int:
+    """Lift our soft open-file limit to the hard one, for nginx to inherit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft if soft != resource.RLIM_INFINITY else MAX_OPEN_FILES
 
 
 def _summary(endpoints: Mapping[str, list[str]]) -> str:

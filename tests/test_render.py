@@ -1,0 +1,38 @@
+"""Rendering alone: what the per-route options become in nginx.conf."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from proxyctl.backend import Backend
+from proxyctl.config import load_config
+from proxyctl.render import MAX_CONNECTIONS, render
+
+
+def test_route_options_become_nginx_directives() -> None:
+    config = load_config(
+        "listenAddress: '::1'\nroutes:\n"
+        "  - {name: logs, port: 24224, protocol: tcp, selector: app=fluentd, balance: least_conn, timeout: 1h}\n"
+        "  - {name: traces, port: 6831, protocol: udp, selector: app=jaeger, balance: hash, udpResponses: 1,"
+        " timeout: 500ms}\n"
+    )
+    text = render(config, {"logs": [Backend("fd00::5", 24224)], "traces": [Backend("10.0.0.7", 6831)]},
+                  Path("/state"))
+    logs = text[text.index("upstream logs"):text.index("# traces")]
+    traces = text[text.index("upstream traces"):]
+    assert "least_conn;" in logs and "server [fd00::5]:24224;" in logs
+    assert "listen [::1]:24224;" in logs and "proxy_timeout 3600000ms;" in logs
+    assert "hash $remote_addr consistent;" in traces and "listen [::1]:6831 udp rcvbuf=4m;" in traces
+    assert "proxy_responses 1;" in traces and "proxy_timeout 500ms;" in traces
+
+
+def test_connection_table_grows_with_routes_within_the_cap_and_the_open_file_limit() -> None:
+    def connections(routes: int, open_files: int | None = None) -> int:
+        lines = "".join(f"  - {{port: {1000 + i}, protocol: udp, selector: app=a}}\n" for i in range(routes))
+        text = render(load_config("routes:\n" + lines), {}, Path("/state"), open_files=open_files)
+        return int(re.search(r"worker_connections (\d+);", text).group(1))
+
+    assert connections(1) == 2048 and connections(3) == 3072
+    assert connections(100) == MAX_CONNECTIONS
+    assert connections(3, open_files=1024) == (1024 - 64) // 2

@@ -19,7 +19,7 @@ from bench.udpload import nginx_log_tally
 from proxyctl.backend import Backend
 from proxyctl.config import Config, load_config
 from proxyctl.nginx import Nginx, NginxError, stream_module
-from proxyctl.render import CONNECTIONS_PER_ROUTE, render
+from proxyctl.render import render, worker_connections
 
 SIZES = (10, 100, 1000)
 HOST = "127.0.0.1"
@@ -166,7 +166,7 @@ def run(quick: bool) -> CaseResult:
         mine = [r for r in rounds if r.routes == routes]
         times = [ms(median([getattr(r, step) for r in mine])) for step in ("parse", "render", "test", "sighup",
                                                                             "reload", "start")]
-        rows.append([f"{routes:,}", *times, f"{CONNECTIONS_PER_ROUTE * routes:,}",
+        rows.append([f"{routes:,}", *times, f"{worker_connections(routes, None):,}",
                      mb(median([r.nginx_pss for r in mine])), f"{sum(r.misreported for r in mine)} of {2 * len(mine)}"])
     about = (f"Routes alternate udp and tcp, ports from a free range on {HOST}, one backend each; {repeats} round(s), "
              "medians. *parse*: `load_config` (YAML and validation), done on every config file change; *render*: "

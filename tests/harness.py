@@ -68,13 +68,13 @@ class Proxyctl:
         """Point the config's health server at this process's own free port."""
         return f"health: 127.0.0.1:{self.health_port}\n{config}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "proxyctl", "run", "--config", str(self.configmap.file),
+                "--state-dir", str(self.state_dir)]
+
     def start(self, wait_ready: bool = True) -> Proxyctl:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxyctl", "run", "--config", str(self.configmap.file),
-             "--state-dir", str(self.state_dir)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        self.process = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait_ready:
             try:
                 wait_for(lambda: self.get("/readyz")[0] == 200, 20, what="/readyz 200")

@@ -61,15 +61,10 @@ class NobodyProxyctl(Proxyctl):
     def start(self, wait_ready: bool = True) -> Proxyctl:
         self.state_dir.mkdir()
         os.chown(self.state_dir, NOBODY, NOBODY)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                                         self._script()], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        if wait_ready:
-            try:
-                wait_for(lambda: self.get("/readyz")[0] == 200, 20, what="/readyz 200")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}; log:\n{self.log()}") from None
-        return self
+        return super().start(wait_ready)
+
+    def command(self) -> list[str]:
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", self._script()]
 
     def _script(self) -> str:
         """Shell run as root inside the new namespace: expose the interpreter, remount, drop privileges."""
@@ -81,8 +76,7 @@ class NobodyProxyctl(Proxyctl):
             lines += [f"mkdir -p {hold}", f"mount --bind {child} {hold}",
                       f"mount -t tmpfs -o mode=0755 tmpfs {hidden}", f"mkdir {child}", f"mount --move {hold} {child}"]
         keep_writable = f"^({self.state_dir}|/proc|/sys|/dev)(/|$)"
-        run = [sys.executable, "-m", "proxyctl", "run", "--config", str(self.configmap.file),
-               "--state-dir", str(self.state_dir)]
+        run = super().command()
         lines += [
             "awk '$6 ~ /^rw/ {print $5}' /proc/self/mountinfo | while read -r point; do  # rw mounts only",
             f"  echo \"$point\" | grep -Eq '{keep_writable}' || mount -o remount,bind,ro \"$point\"",

@@ -433,8 +433,7 @@ def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
         raise ConfigError([Problem(where, None, None, "", "no config file and no PORT/SELECTOR variables: nothing to route")])
     config = load_config(text, str(path), env_route)
     level = log_level_from_env(env.get("LOG_LEVEL", ""))
-    document = parse_yaml(text, str(path)) if text.strip() else None
-    if level and not (isinstance(document, Mapping) and "logLevel" in document):
+    if level and "log_level" not in config.model_fields_set:  # the file's logLevel wins
         config = config.model_copy(update={"log_level": level})
     return config
 

@@ -116,6 +116,11 @@ class WatchKey:
     selector: str
     node: str | None
 
+    @classmethod
+    def of(cls, route: Route, me: Identity, everywhere: bool = False) -> WatchKey:
+        """The watch serving `route` from this node, or from all nodes for its anyNode fallback."""
+        return cls(route.namespace or me.namespace, str(route.selector), None if everywhere else me.node)
+
     @property
     def path(self) -> str:
         return f"/api/v1/namespaces/{self.namespace}/pods"
@@ -335,9 +340,6 @@ class Discovery:
                 self._core = Api(self._env)
             return self._core
 
-    def _local_key(self, route: Route) -> WatchKey:
-        return WatchKey(route.namespace or self.me.namespace, str(route.selector), self.me.node)
-
     def set_routes(self, routes: list[Route], watch_timeout: float) -> None:
         """Open the watches new routes need and close those no route needs any more."""
         with self._lock:
@@ -349,12 +351,12 @@ class Discovery:
 
     def _reconcile(self) -> None:
         """Local watches for every route; a cluster-wide one only while an anyNode route has no local pod."""
-        wanted = {self._local_key(r) for r in self._routes}
+        wanted = {WatchKey.of(r, self.me) for r in self._routes}
         for route in self._routes:
-            local = self.watches.get(self._local_key(route))
+            local = self.watches.get(WatchKey.of(route, self.me))
             if route.when_no_local_pod == "anyNode" and local is not None and local.synced.is_set() \
                     and not backends_of(route, local.snapshot()):
-                wanted.add(WatchKey(route.namespace or self.me.namespace, str(route.selector), None))
+                wanted.add(WatchKey.of(route, self.me, everywhere=True))
         self._close(set(self.watches) - wanted)
         for key in wanted - set(self.watches):
             log.info("watching %s", key)
@@ -383,9 +385,9 @@ class Discovery:
         with self._lock:
             table = {}
             for route in self._routes:
-                local = self.watches.get(self._local_key(route))
+                local = self.watches.get(WatchKey.of(route, self.me))
                 backends = backends_of(route, local.snapshot()) if local else []
-                fallback = self.watches.get(WatchKey(route.namespace or self.me.namespace, str(route.selector), None))
+                fallback = self.watches.get(WatchKey.of(route, self.me, everywhere=True))
                 if not backends and fallback is not None and route.when_no_local_pod == "anyNode":
                     backends = backends_of(route, fallback.snapshot())
                 table[route.key] = backends
@@ -411,11 +413,10 @@ def list_endpoints(config: Config, env: Mapping[str, str]) -> dict[str, list[Bac
     me = identity(env, core)
     table = {}
     for route in config.routes:
-        namespace = route.namespace or me.namespace
-        local, _ = list_pods(core, WatchKey(namespace, str(route.selector), me.node), 30)
+        local, _ = list_pods(core, WatchKey.of(route, me), 30)
         backends = backends_of(route, list(local.values()))
         if not backends and route.when_no_local_pod == "anyNode":
-            everywhere, _ = list_pods(core, WatchKey(namespace, str(route.selector), None), 30)
+            everywhere, _ = list_pods(core, WatchKey.of(route, me, everywhere=True), 30)
             backends = backends_of(route, list(everywhere.values()))
         table[route.key] = backends
     return table

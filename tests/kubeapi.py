@@ -75,22 +75,6 @@ def status_object(code: int, message: str, reason: str | None = None,
     return status
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0,
-             interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail the test.
-
-    Tests use this instead of fixed sleeps so they are both fast and robust.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 # --------------------------------------------------------------------------
 # Selectors
 # --------------------------------------------------------------------------

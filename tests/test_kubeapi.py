@@ -15,7 +15,8 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.kubeapi import KubeApiServer, wait_for
+from tests.kubeapi import KubeApiServer
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -427,7 +428,7 @@ def test_request_log(core: client.CoreV1Api, kube_api: KubeApiServer) -> None:
     w = watch.Watch()
     for _ in w.stream(core.list_pod_for_all_namespaces, timeout_seconds=5):
         w.stop()
-    wait_for(lambda: kube_api.open_watches == 0)
+    wait_for(lambda: kube_api.open_watches == 0, 5)
 
     first, second = kube_api.requests
     assert (first.method, first.path, first.is_watch, first.status) == (

@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -163,14 +162,23 @@ def test_a_stalled_watch_is_replaced_and_a_change_made_meanwhile_is_seen(kube_ap
     wait_for(lambda: kube_api.open_watches == 1, 10, what="an open watch")
 
     kube_api.stall_watches = True
-    stalled_at = time.time()
-    before = kube_api.count(watch=True)
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")  # not delivered: the stream is silent
-    wait_for(lambda: kube_api.count(watch=True) > before, 10, what="a replacement watch")
-    replaced_at = [r.time for r in kube_api.requests if r.is_watch][before]
+
+    def said_stalled() -> list[float]:
+        return [r.created for r in caplog.records if "watch stalled" in r.getMessage()]
+
+    wait_for(said_stalled, 10, what="the stall reported")
+    said_at = said_stalled()[0]
+
+    def watches() -> list[float]:
+        return [r.time for r in kube_api.requests if r.is_watch]
+
+    wait_for(lambda: watches()[-1] > said_at, 10, what="a replacement watch")
+    opened = max(t for t in watches() if t < said_at)  # the watch that went silent
+    replaced = min(t for t in watches() if t > said_at)
     # Detected after 1.5 × watchTimeout of silence, replaced after a short backoff (≤ 0.2 s).
-    assert replaced_at - stalled_at < 1.5 * 1 + 0.5
-    assert any("watch stalled" in r.getMessage() for r in caplog.records)
+    assert 1.5 * 1 - 0.1 < said_at - opened < 1.5 * 1 + 0.5
+    assert replaced - said_at < 0.5
 
     kube_api.stall_watches = False
     wait_for(lambda: backends(discovery) == ["127.0.0.2:8125"], 10, what="the change made during the stall")

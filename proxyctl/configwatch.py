@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import watchfiles
+# The watcher `watchfiles.watch` wraps. Used directly because it starts watching when it is
+# built, so `watch_config` can return armed; the generator only starts at its first `next()`.
+from watchfiles._rust_notify import RustNotify
 
 log = logging.getLogger("proxyctl.config")
 
@@ -28,18 +30,23 @@ def _read(path: Path) -> str | None:
 
 
 def watch_config(path: Path, on_change: Callable[[], None], stop: threading.Event) -> threading.Thread:
-    """Call `on_change` whenever the content behind `path` changes; runs until `stop` is set."""
+    """Call `on_change` whenever the content behind `path` changes; runs until `stop` is set.
+
+    Watching starts before this returns, and `on_change` is called once straight away: the
+    caller read the file earlier, and a write between that read and now made no event.
+    """
+    notify = RustNotify([str(path.parent)], False, False, 0, True, False)
 
     def loop() -> None:
         last = _read(path)
-        for _ in watchfiles.watch(path.parent, watch_filter=None, stop_event=stop, debounce=20, step=10,
-                                  rust_timeout=int(BACKSTOP_SECONDS * 1000), yield_on_timeout=True,
-                                  raise_interrupt=False):
-            current = _read(path)
-            if current != last:
-                log.info("config file %s changed", path)
-                last = current
-                on_change()
+        on_change()
+        with notify:
+            while notify.watch(20, 10, int(BACKSTOP_SECONDS * 1000), stop) != "stop":
+                current = _read(path)
+                if current != last:
+                    log.info("config file %s changed", path)
+                    last = current
+                    on_change()
 
     thread = threading.Thread(target=loop, name="config-watch", daemon=True)
     thread.start()

@@ -561,10 +561,12 @@ def test_readyz_stays_ready_while_a_config_swap_adds_a_route(kube_api: KubeApiSe
     sidecar.configmap.write(sidecar.with_health(config(port, (
         f"  - {{name: extra, port: {added}, protocol: tcp, selector: app=collector, namespace: {NS}}}\n"))))
     answers = []
-    while f"{NEW}:{added}" not in sidecar.get("/routes")[1] and len(answers) < 200:  # at most ~10 s
+
+    def added_route_served() -> bool:
         answers.append(sidecar.get("/readyz"))
-        time.sleep(0.05)
-    assert f"{NEW}:{added}" in sidecar.get("/routes")[1]
+        return f"{NEW}:{added}" in sidecar.get("/routes")[1]
+
+    eventually(sidecar, added_route_served, 20, what="the added route in /routes")
     assert [a for a in answers if a[0] != 200] == []
 
 

@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import LiteralScalarString
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from proxyctl.backend import plain_ip
 from proxyctl.selector import Selector, SelectorError, parse_selector, selector_from_mapping
@@ -326,6 +327,28 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([Problem(source, line, column, "", f"invalid YAML: {exc.problem or exc.context}")]) from None
     except YAMLError as exc:
         raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {exc}")]) from None
+    except TypeError:  # ruamel cannot hash a key that is a mapping holding a mapping or list
+        line, column = _mapping_key_position(YAML(typ="rt").compose(text)) or (None, None)
+        raise ConfigError([Problem(source, line, column, "", "invalid YAML: a key may not be a mapping")]) from None
+
+
+def _mapping_key_position(root: Node | None) -> tuple[int, int] | None:
+    """Line and column of the first mapping used as a mapping key (`? {a: b}`)."""
+    seen: set[int] = set()
+    todo = [root] if root is not None else []
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:  # aliases can make the node graph cyclic
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                if isinstance(key, MappingNode):
+                    return key.start_mark.line + 1, key.start_mark.column + 1
+                todo += [key, value]
+        elif isinstance(node, SequenceNode):
+            todo += node.value
+    return None
 
 
 def load_config(text: str, source: str = "<config>", env_route: Mapping[str, Any] | None = None) -> Config:
@@ -442,7 +465,7 @@ def _manifests(text: str) -> list[Any] | None:
     """The Kubernetes objects (documents with apiVersion and kind) in `text`; None when it has none."""
     try:
         documents = list(YAML(typ="rt").load_all(text))
-    except YAMLError:
+    except (YAMLError, TypeError):  # TypeError: see parse_yaml
         return None  # load_config reports the syntax error with its location
     manifests = [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
     return manifests or None

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import pytest
+from hypothesis import settings
 
 from proxyctl.backend import Backend
 from proxyctl.config import Config
@@ -14,6 +15,12 @@ from proxyctl.render import render
 from tests.kubeapi import kube_api  # noqa: F401  (fixture)
 from tests.harness import Proxyctl
 from tests.support import TcpEcho, UdpSink
+
+# Fuzz tests try the same inputs on every run, so the suite is a steady gate;
+# `pytest --hypothesis-profile=explore` draws new ones and prints the seed of any failure.
+settings.register_profile("gate", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("gate")
 
 Server = TypeVar("Server", UdpSink, TcpEcho)
 RunNginx = Callable[[Config, Mapping[str, Sequence[Backend]]], Nginx]

@@ -327,13 +327,14 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([Problem(source, line, column, "", f"invalid YAML: {exc.problem or exc.context}")]) from None
     except YAMLError as exc:
         raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {exc}")]) from None
-    except TypeError:  # ruamel cannot hash a key that is a mapping holding a mapping or list
-        line, column = _mapping_key_position(YAML(typ="rt").compose(text)) or (None, None)
-        raise ConfigError([Problem(source, line, column, "", "invalid YAML: a key may not be a mapping")]) from None
+    except TypeError:  # ruamel cannot hash a mapping or list key that holds a mapping or list
+        line, column = _collection_key_position(YAML(typ="rt").compose(text)) or (None, None)
+        problem = Problem(source, line, column, "", "invalid YAML: a key may not be a mapping or a list")
+        raise ConfigError([problem]) from None
 
 
-def _mapping_key_position(root: Node | None) -> tuple[int, int] | None:
-    """Line and column of the first mapping used as a mapping key (`? {a: b}`)."""
+def _collection_key_position(root: Node | None) -> tuple[int, int] | None:
+    """Line and column of the first mapping or list used as a mapping key (`? {a: b}`, `[a]: b`)."""
     seen: set[int] = set()
     todo = [root] if root is not None else []
     while todo:
@@ -343,7 +344,7 @@ def _mapping_key_position(root: Node | None) -> tuple[int, int] | None:
         seen.add(id(node))
         if isinstance(node, MappingNode):
             for key, value in node.value:
-                if isinstance(key, MappingNode):
+                if isinstance(key, (MappingNode, SequenceNode)):
                     return key.start_mark.line + 1, key.start_mark.column + 1
                 todo += [key, value]
         elif isinstance(node, SequenceNode):

@@ -182,6 +182,7 @@ yaml_texts = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size
 @FUZZ
 @example("routes:\n  - {port: 8125, protocol: udp, selector: app=agent, <<: {extra: 1}}\n")  # once a KeyError
 @example("? : routes:")  # once a TypeError: a mapping as a key, holding a mapping
+@example("[[routes]]: x")  # and a list as a key, holding a list
 @given(yaml_texts)
 def test_yaml_made_of_config_pieces_gives_a_config_or_located_errors(text: str) -> None:
     assert_loads_or_located(text)

@@ -80,7 +80,10 @@ def test_unknown_keys_duplicates_and_yaml_syntax_are_located() -> None:
     assert str(caught.value).startswith("c.yaml:2:1: invalid YAML")
     with pytest.raises(ConfigError) as caught:
         load_config("routes:\n  - port: 53\n    ? {a: {b: c}}\n    : d\n", "c.yaml")
-    assert str(caught.value) == "c.yaml:3:7: invalid YAML: a key may not be a mapping"
+    assert str(caught.value) == "c.yaml:3:7: invalid YAML: a key may not be a mapping or a list"
+    with pytest.raises(ConfigError) as caught:
+        load_config("routes:\n  - port: 53\n    [[a]]: d\n", "c.yaml")
+    assert str(caught.value) == "c.yaml:3:5: invalid YAML: a key may not be a mapping or a list"
 
 
 @pytest.mark.parametrize(

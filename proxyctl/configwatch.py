@@ -35,7 +35,8 @@ def watch_config(path: Path, on_change: Callable[[], None], stop: threading.Even
     Watching starts before this returns, and `on_change` is called once straight away: the
     caller read the file earlier, and a write between that read and now made no event.
     """
-    notify = RustNotify([str(path.parent)], False, False, 0, True, False)
+    notify = RustNotify(watch_paths=[str(path.parent)], debug=False, force_polling=False, poll_delay_ms=0,
+                        recursive=True, ignore_permission_denied=False)
 
     def loop() -> None:
         last = _read(path)

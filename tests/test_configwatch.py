@@ -20,13 +20,19 @@ def stop() -> Iterator[threading.Event]:
     event.set()
 
 
+def reports(volume: ConfigMapDir, stop: threading.Event) -> list[str]:
+    """Start watching `volume`; the list gains the file's content at each report."""
+    seen: list[str] = []
+    watch_config(volume.file, lambda: seen.append(volume.file.read_text()), stop)
+    return seen
+
+
 def test_an_update_right_after_the_watch_starts_is_seen(tmp_path: Path, stop: threading.Event) -> None:
     """Watching is armed when `watch_config` returns: an update made at once is not missed
     (a missed one would wait for the 30 s backstop re-read)."""
     volume = ConfigMapDir(tmp_path / "config")
     volume.write("routes: []\n")
-    seen: list[str] = []
-    watch_config(volume.file, lambda: seen.append(volume.file.read_text()), stop)
+    seen = reports(volume, stop)
     volume.write("routes: [{port: 8125}]\n")
     wait_for(lambda: seen and seen[-1] == "routes: [{port: 8125}]\n", 5, what="the update reported")
 
@@ -39,16 +45,14 @@ def test_an_update_between_the_callers_read_and_the_watch_is_reported(tmp_path: 
     volume.write("routes: []\n")
     loaded = volume.file.read_text()
     volume.write("routes: [{port: 8125}]\n")
-    seen: list[str] = []
-    watch_config(volume.file, lambda: seen.append(volume.file.read_text()), stop)
+    seen = reports(volume, stop)
     wait_for(lambda: seen and seen[-1] != loaded, 5, what="the update reported")
 
 
 def test_each_update_is_reported(tmp_path: Path, stop: threading.Event) -> None:
     volume = ConfigMapDir(tmp_path / "config")
     volume.write("one\n")
-    seen: list[str] = []
-    watch_config(volume.file, lambda: seen.append(volume.file.read_text()), stop)
+    seen = reports(volume, stop)
     for text in ("two\n", "three\n", "four\n"):
         volume.write(text)
         wait_for(lambda expected=text: seen and seen[-1] == expected, 5, what=f"{text.strip()} reported")

@@ -125,6 +125,7 @@ class Discovery:
         self._core = Api(env)
         self._routes: list[Route] = []
         self.watches: dict[WatchKey, PodWatch] = {}
+        self._closed_restarts = 0  # restarts of watches closed since: the counter never goes down
 
     def client(self, reload: bool = False) -> Api:
         """The shared API client; `reload=True` builds it anew from fresh credentials."""
@@ -139,7 +140,8 @@ class Discovery:
             self._routes = list(routes)
             if watch_timeout != self.watch_timeout:
                 self.watch_timeout = watch_timeout
-                self._close(set(self.watches))
+                for watch in self.watches.values():
+                    watch.timeout = watch_timeout  # from its next request on: nothing relists, no route empties
             self._reconcile()
 
     def _reconcile(self) -> None:
@@ -160,7 +162,9 @@ class Discovery:
     def _close(self, keys: set[WatchKey]) -> None:
         for key in keys:
             log.info("no longer watching %s", key)
-            self.watches.pop(key).stop()
+            watch = self.watches.pop(key)
+            watch.stop()
+            self._closed_restarts += watch.restarts
 
     def _changed(self) -> None:
         with self._lock:
@@ -189,7 +193,7 @@ class Discovery:
     @property
     def restarts(self) -> int:
         with self._lock:
-            return sum(w.restarts for w in self.watches.values())
+            return self._closed_restarts + sum(w.restarts for w in self.watches.values())
 
     def stalled(self) -> list[str]:
         with self._lock:

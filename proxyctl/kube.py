@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import urllib3
 from kubernetes import config
@@ -18,6 +19,89 @@ log = logging.getLogger("proxyctl.kube")
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 CONNECT_TIMEOUT = 5.0
+
+
+# --- errors: everything a request to the API server can end in, as one hierarchy ---------------
+
+
+class ApiError(Exception):
+    """Talking to the API server failed; the one exception its callers need to catch."""
+
+
+class TransportError(ApiError):
+    """No usable answer: the connection was refused, reset or cut, or the stream broke off."""
+
+
+class ReadTimeout(TransportError):
+    """Connected, but nothing arrived within the read timeout."""
+
+
+class CredentialsError(ApiError):
+    """The client could not be built: the kubeconfig or service-account files are missing or unreadable."""
+
+
+class MalformedAnswer(ApiError):
+    """An answer that is not the JSON the API documents."""
+
+
+class StatusError(ApiError):
+    """The server answered with an error status, or a watch sent an ERROR event."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503), if it said
+
+
+class Unauthorized(StatusError):
+    """401: the credentials are stale (service-account tokens rotate) or wrong."""
+
+
+class Forbidden(StatusError):
+    """403: RBAC does not grant the request."""
+
+
+class Gone(StatusError):
+    """410: the resourceVersion we hold was compacted away; only a relist helps."""
+
+
+def status_error(status: int, message: str, retry_after: float | None = None) -> StatusError:
+    """The StatusError subclass for `status`."""
+    kind = {401: Unauthorized, 403: Forbidden, 410: Gone}.get(status, StatusError)
+    return kind(status, message, retry_after)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Turn what the transport raises (urllib3, sockets, the client's wrapper) into ApiError: the one place that knows them."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise ReadTimeout(f"{type(exc).__name__}: {exc}") from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+    except ApiException as exc:  # the kubernetes client wraps TLS errors in it, with status 0
+        raise TransportError(str(exc.reason)) from exc
+
+
+def _status_message(body: bytes, reason: str) -> str:
+    """The `message` of the Status object an error answer carries, else the HTTP reason."""
+    try:
+        return str(json.loads(body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return reason
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the API server sends seconds, not HTTP dates); None when absent or unreadable."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 class Api:
@@ -43,19 +127,27 @@ class Api:
         self.client = ApiClient(configuration)
 
     def get(self, path: str, query: Mapping[str, Any], read_timeout: float) -> urllib3.BaseHTTPResponse:
-        """GET `path`; the response streams (for watches). Raises ApiException on 4xx/5xx."""
+        """GET `path`; the response streams (for watches). Raises StatusError on 4xx/5xx, TransportError when cut."""
         method, url, headers, body, _ = self.client.param_serialize(
             "GET", path, query_params=list(query.items()), header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        response = self.client.call_api(method, url, headers, body, _request_timeout=(CONNECT_TIMEOUT, read_timeout))
-        if response.status >= 400:
-            raise ApiException.from_response(http_resp=response, body=response.read().decode(errors="replace"),
-                                             data=None)
+        with translated():
+            response = self.client.call_api(method, url, headers, body,
+                                            _request_timeout=(CONNECT_TIMEOUT, read_timeout))
+            if response.status >= 400:
+                raise status_error(response.status, _status_message(response.read(), str(response.reason)),
+                                   _retry_after(response.getheader("Retry-After")))
         return response.response
 
     def get_json(self, path: str, query: Mapping[str, Any], read_timeout: float) -> Any:
-        return json.loads(self.get(path, query, read_timeout).data)
+        response = self.get(path, query, read_timeout)
+        with translated():
+            data = response.data
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise MalformedAnswer(f"{path}: not JSON: {exc}") from None
 
 
 @dataclass(frozen=True)

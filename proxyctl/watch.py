@@ -1,12 +1,19 @@
 """Watching: list, then watch, one selection of pods, and keep what the API says of them.
 
-One `Watch` per distinct (namespace, selector, node) lists the pods, then watches from
-the list's resourceVersion. It resumes from the last resourceVersion when the server
-ends a watch, relists only on 410 Gone, backs off with jitter on errors, and treats a
-connection that delivers nothing for 1.5 × watchTimeout as dead (the client's read
-timeout) — the way kopf handles resumption, and what a watch needs to never go silent.
-What a pod means to the data plane is discovery's business: the watch is handed a
-`parse` that turns the API's JSON into it.
+Layered as kopf's watching is, each layer testable on its own:
+
+- `Watch._run`: the endless loop. It never ends but by `stop()`; every failure is said
+  once per kind and retried after a `Backoff`, honouring the server's Retry-After.
+- `Watch._follow`: list (only when no resourceVersion is held), then one watch request.
+  The newest resourceVersion of every event and BOOKMARK is kept as it is read, so a
+  watch cut mid-stream resumes where it was, not where it began. 410 Gone, as an ERROR
+  event or an HTTP status, relists.
+- `watch_request`: the one request; `events` and `_lines`: its JSON lines as events.
+
+Lists are served from the API server's watch cache (`resourceVersion=0` at first, then
+"not older than" the version held), as client-go's reflectors ask, never as quorum reads
+from etcd. What a pod means to the data plane is discovery's business: a watch is handed
+a `parse` that turns the API's JSON into it.
 """
 
 from __future__ import annotations
@@ -17,20 +24,24 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from proxyctl.config import Route
-from proxyctl.kube import Api, Identity
+from proxyctl.kube import (Api, ApiError, CredentialsError, Forbidden, Gone, Identity, MalformedAnswer, ReadTimeout,
+                           StatusError, TransportError, Unauthorized, status_error, translated)
 
 log = logging.getLogger("proxyctl.discovery")
 
-BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 30.0
+QUICK_END = 1.0  # seconds: a watch the server ends sooner than this, having brought nothing new, counts as failed
 
 T = TypeVar("T")
 Parse = Callable[[Any], T]  # the API's JSON for one object → T; ValueError when malformed
+
+
+# --- what a watch covers ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -55,22 +66,101 @@ class WatchKey:
         return f"pods {self.selector!r} in {self.namespace} on {where}"
 
 
-def list_objects(core: Api, key: WatchKey, parse: Parse[T], read_timeout: float) -> tuple[dict[str, T], str]:
-    """One list call: the pods of `key` by name (malformed ones skipped with a log line) and its resourceVersion."""
-    body = core.get_json(key.path, _selectors(key), read_timeout)
-    pods = {}
-    for item in body.get("items") or []:
-        pod = _parse(key, parse, item)
-        if pod is not None:
-            pods[item["metadata"]["name"]] = pod
-    return pods, str(body["metadata"]["resourceVersion"])
-
-
 def _selectors(key: WatchKey) -> dict[str, str]:
     params = {"labelSelector": key.selector}
     if key.node:
         params["fieldSelector"] = f"spec.nodeName={key.node}"
     return params
+
+
+# --- one list, one watch request, its events -------------------------------------------------------------
+
+
+def list_objects(core: Api, key: WatchKey, parse: Parse[T], read_timeout: float,
+                 version: str = "0") -> tuple[dict[str, T], str]:
+    """One list call: the pods of `key` by name (malformed ones skipped with a log line) and its resourceVersion.
+
+    `version` "0" takes whatever the API server's watch cache holds; a version held
+    before takes a state not older than it, from the cache too (no quorum read).
+    """
+    body = core.get_json(key.path, {**_selectors(key), "resourceVersion": version}, read_timeout)
+    if not isinstance(body, Mapping):
+        raise MalformedAnswer("the list is not an object")
+    listed = _version(body.get("metadata"))
+    if listed is None:
+        raise MalformedAnswer("the list has no usable metadata.resourceVersion")
+    items = body.get("items") or []
+    pods = {}
+    for item in items if isinstance(items, list) else []:
+        pod = _parse(key, parse, item)
+        if pod is not None:
+            pods[item["metadata"]["name"]] = pod
+    return pods, listed
+
+
+def watch_request(core: Api, key: WatchKey, version: str, timeout: float) -> urllib3.BaseHTTPResponse:
+    """Open one watch from `version`; the server is asked to end it within `timeout`, and the read gives up at 1.5 ×."""
+    query = {**_selectors(key), "watch": "true", "allowWatchBookmarks": "true", "resourceVersion": version,
+             "timeoutSeconds": max(1, round(timeout))}
+    return core.get(key.path, query, 1.5 * timeout)
+
+
+class MalformedEvent(MalformedAnswer):
+    """A watch line or list answer that is not what the API documents; the watch skips it and goes on."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One watch event: ADDED, MODIFIED, DELETED or BOOKMARK, with the object's resourceVersion."""
+
+    kind: str
+    object: Mapping[str, Any]
+    version: str
+
+
+def event(line: bytes) -> Event:
+    """A watch line as an Event; an ERROR event raises its StatusError (Gone for 410), a malformed one MalformedEvent."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise MalformedEvent(f"not JSON: {line[:80]!r}") from None
+    if not isinstance(data, Mapping):
+        raise MalformedEvent(f"not an object: {line[:80]!r}")
+    kind, obj = data.get("type"), data.get("object")
+    if not isinstance(obj, Mapping):
+        raise MalformedEvent(f"{kind} event whose object is {type(obj).__name__}, not an object")
+    if kind == "ERROR":
+        code = obj.get("code")
+        raise status_error(code if isinstance(code, int) and not isinstance(code, bool) else 500,
+                           str(obj.get("message") or obj.get("reason") or "ERROR event"))
+    if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+        raise MalformedEvent(f"unknown event type {kind!r}")
+    version = _version(obj.get("metadata"))
+    if version is None:
+        metadata = obj.get("metadata")
+        found = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
+        raise MalformedEvent(f"{kind} event whose metadata.resourceVersion is {found!r:.40}, not a number")
+    return Event(kind, obj, version)
+
+
+def _version(metadata: Any) -> str | None:
+    """metadata.resourceVersion when it is one (a non-empty string of digits, as every API server sends), else None."""
+    version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return str(version)
+    return version if isinstance(version, str) and version.isascii() and version.isdigit() else None
+
+
+def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """Split a watch stream into its JSON lines as the chunks arrive."""
+    pending = b""
+    with translated():
+        for chunk in response.stream(65536, decode_content=False):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            yield from (line for line in complete if line.strip())
+    if pending.strip():
+        yield pending
 
 
 def _parse(key: WatchKey, parse: Parse[T], obj: Any) -> T | None:
@@ -81,8 +171,34 @@ def _parse(key: WatchKey, parse: Parse[T], obj: Any) -> T | None:
         return None
 
 
-class Gone(Exception):
-    """410: the resourceVersion we hold was compacted away; only a relist helps."""
+# --- retrying -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: the n-th retry in a row waits uniform(0, min(cap, first × 2ⁿ⁻¹)).
+
+    The first retry comes within `first`; when thousands of sidecars lose the API server at
+    once, their retries spread over the whole window instead of arriving together.
+    """
+
+    first: float = BACKOFF_FIRST
+    cap: float = BACKOFF_MAX
+    failures: int = 0
+
+    def next(self, retry_after: float | None = None) -> float:
+        """The wait before the next attempt; the server's Retry-After (bounded by `cap`) is the least."""
+        self.failures += 1
+        delay = random.uniform(0, min(self.cap, self.first * 2 ** min(self.failures - 1, 20)))
+        if retry_after is not None:
+            delay = max(delay, min(self.cap, retry_after) + random.uniform(0, self.first))
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# --- the watch -----------------------------------------------------------------------------------------------
 
 
 class Watch(Generic[T]):
@@ -91,17 +207,22 @@ class Watch(Generic[T]):
     def __init__(self, key: WatchKey, client: Callable[[bool], Api], timeout: float,
                  on_change: Callable[[], None], parse: Parse[T]) -> None:
         self.key = key
+        self.timeout = timeout  # for the next request; a running one keeps its own
         self._parse = parse
-        self.timeout = timeout
         self._client = client
         self._on_change = on_change
         self.pods: dict[str, T] = {}
         self._lock = threading.Lock()
         self.synced = threading.Event()
+        self.version: str | None = None  # the newest resourceVersion seen; None: list first
+        self._list_version = "0"  # "0": from the watch cache, whatever it holds
         self.restarts = 0
-        self._failures = 0  # consecutive failed attempts; reset by the first answer that works
+        self._backoff = Backoff()
+        self._reload_client = False  # after a 401: build the client anew before the next attempt
         self._last_error = ""  # said once per kind of failure, not once per retry
+        self._last_skip = ""  # likewise for malformed events
         self.last_activity = time.monotonic()
+        self._request_timeout = timeout
         self.connected = False
         self._stop = threading.Event()
         self._response: urllib3.BaseHTTPResponse | None = None
@@ -118,98 +239,116 @@ class Watch(Generic[T]):
 
     def stalled(self) -> bool:
         """Connected, yet silent well past the read timeout that should have replaced it."""
-        return self.connected and time.monotonic() - self.last_activity > 2 * self.timeout
-
-    def _run(self) -> None:
-        version: str | None = None
-        while not self._stop.is_set():
-            try:
-                if version is None:
-                    version = self._list()
-                    self._recovered()
-                version = self._watch(version)
-                self._recovered()
-                continue
-            except Gone:
-                log.info("%s: resourceVersion %s expired (410 Gone); listing again", self.key, version)
-                version = None
-                self.restarts += 1
-                continue
-            except ApiException as exc:
-                error = self._describe(exc)
-                if exc.status == 401:
-                    self._client(True)  # re-read credentials: service-account tokens rotate
-            except urllib3.exceptions.ReadTimeoutError:
-                error = f"watch stalled: nothing received for {1.5 * self.timeout:g}s; reconnecting"
-            except (urllib3.exceptions.HTTPError, OSError, ValueError, KeyError) as exc:
-                error = f"API unreachable or broken answer: {type(exc).__name__}: {exc}"
-            except Exception as exc:  # the watch must outlive anything one answer can do to it
-                if self._stop.is_set():
-                    return  # stop() closed the stream under our feet
-                log.exception("%s: unexpected error", self.key)
-                error = f"unexpected {type(exc).__name__}"
-            finally:
-                self.connected = False
-                self._response = None
-            if self._stop.is_set():
-                return
-            self._failures += 1
-            self.restarts += 1
-            if error != self._last_error:  # once per kind of failure, not once per retry
-                log.warning("%s: %s; retrying with backoff", self.key, error)
-                self._last_error = error
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self._failures - 1, 10))
-            self._stop.wait(random.uniform(delay / 2, delay))
-
-    def _recovered(self) -> None:
-        """The API answers again: say so once, and start the next failure's backoff afresh."""
-        if self._failures:
-            log.info("%s: watching again after %d failed attempt(s)", self.key, self._failures)
-        self._failures, self._last_error = 0, ""
-
-    def _describe(self, exc: ApiException) -> str:
-        if exc.status == 403:
-            return (f"403 Forbidden: grant list and watch on pods in namespace {self.key.namespace} "
-                    f"to this pod's service account (see examples/rbac.yaml); the API said: {_api_message(exc)}")
-        if exc.status == 401:
-            return "401 Unauthorized: re-reading credentials (rotated service-account token?)"
-        return f"API answered {exc.status}: {_api_message(exc)}"
+        return self.connected and time.monotonic() - self.last_activity > 2 * self._request_timeout
 
     def snapshot(self) -> list[T]:
         with self._lock:
             return list(self.pods.values())
 
-    def _list(self) -> str:
-        pods, version = list_objects(self._client(False), self.key, self._parse, self.timeout)
-        self.last_activity = time.monotonic()
-        with self._lock:
-            changed, self.pods = pods != self.pods, pods
-        self.synced.set()
-        if changed:
-            self._on_change()
-        return version
+    def _run(self) -> None:
+        """Follow the pods until stopped: nothing an answer or the client does ends this loop."""
+        while not self._stop.is_set():
+            retry_after = None
+            try:
+                self._follow()
+                continue
+            except Gone:
+                # After a watch's 410 the list asks for a state not older than the version held; after the
+                # list's own 410, for whatever the cache holds.
+                log.info("%s: resourceVersion %s expired (410 Gone); listing again", self.key,
+                         self.version or self._list_version)
+                self._list_version, self.version = self.version or "0", None
+                error = ""
+            except StatusError as exc:
+                error = self._describe(exc)
+                retry_after = exc.retry_after
+                self._reload_client = isinstance(exc, Unauthorized)
+            except ReadTimeout:
+                error = f"watch stalled: nothing received for {1.5 * self._request_timeout:g}s; reconnecting"
+            except CredentialsError as exc:
+                error = str(exc)
+            except ApiError as exc:
+                error = f"API unreachable or broken answer: {exc}"
+            except Exception as exc:  # the watch must outlive anything one answer or the client can do to it
+                if self._stop.is_set():
+                    return  # stop() closed the stream under our feet
+                log.exception("%s: unexpected error", self.key)
+                error = f"unexpected {type(exc).__name__}: {exc}"
+            finally:
+                self.connected = False
+                self._response = None
+            if self._stop.is_set():
+                return
+            self.restarts += 1
+            if error and error != self._last_error:  # once per kind of failure, not once per retry
+                log.warning("%s: %s; retrying with backoff", self.key, error)
+                self._last_error = error
+            self._stop.wait(self._backoff.next(retry_after))
 
-    def _watch(self, version: str) -> str:
-        """One watch request; returns the last resourceVersion seen when the server ends it."""
-        query = {**_selectors(self.key), "watch": "true", "allowWatchBookmarks": "true", "resourceVersion": version,
-                 "timeoutSeconds": max(1, round(self.timeout))}
-        response = self._client(False).get(self.key.path, query, 1.5 * self.timeout)
+    def _follow(self) -> None:
+        """List if no resourceVersion is held, then one watch request until the server ends it."""
+        try:
+            core = self._client(self._reload_client)  # re-reads credentials after a 401: tokens rotate
+        except Exception as exc:  # a kubeconfig or token file half-written, removed, or wrong
+            raise CredentialsError(f"cannot load the API credentials: {type(exc).__name__}: {exc}") from exc
+        self._reload_client = False
+        if self.version is None:
+            self._list(core)
+        started, version = time.monotonic(), self.version
+        self._request_timeout = self.timeout
+        assert version is not None
+        response = watch_request(core, self.key, version, self._request_timeout)
         self._response = response
         self.connected = True
         self.last_activity = time.monotonic()
+        if self._stop.is_set():
+            return
         for line in _lines(response):
             self.last_activity = time.monotonic()
+            self._handle(line)
+        if self.version == version and time.monotonic() - started < QUICK_END:
+            raise TransportError("the API server ended the watch at once, with nothing new")
+        self._recovered()
+
+    def _handle(self, line: bytes) -> None:
+        """Apply one watch line; a malformed one is said and skipped, the watch goes on."""
+        try:
+            change = event(line)
+        except MalformedEvent as exc:
+            if str(exc) != self._last_skip:
+                log.warning("%s: skipping a watch event: %s", self.key, exc)
+                self._last_skip = str(exc)
+            return
+        if change.kind != "BOOKMARK":
+            self._apply(change.kind, change.object)
+        if change.version != self.version:
+            self.version = change.version  # kept as read: a cut stream resumes from here
             self._recovered()
-            event = json.loads(line)
-            kind, obj = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise Gone()
-                raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-            version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._apply(kind, obj)
-        return version
+
+    def _recovered(self) -> None:
+        """The API answers with news again: say so once, and start the next failure's backoff afresh."""
+        if self._backoff.failures:
+            log.info("%s: watching again after %d failed attempt(s)", self.key, self._backoff.failures)
+        self._backoff.reset()
+        self._last_error = ""
+
+    def _describe(self, exc: StatusError) -> str:
+        if isinstance(exc, Forbidden):
+            return (f"403 Forbidden: grant list and watch on pods in namespace {self.key.namespace} "
+                    f"to this pod's service account (see examples/rbac.yaml); the API said: {exc.message}")
+        if isinstance(exc, Unauthorized):
+            return "401 Unauthorized: re-reading credentials (rotated service-account token?)"
+        return f"API answered {exc.status}: {exc.message}"
+
+    def _list(self, core: Api) -> None:
+        pods, version = list_objects(core, self.key, self._parse, self.timeout, self._list_version)
+        self.last_activity = time.monotonic()
+        with self._lock:
+            changed, self.pods = pods != self.pods, pods
+        self.version = version
+        self.synced.set()
+        if changed:
+            self._on_change()
 
     def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name")
@@ -222,21 +361,3 @@ class Watch(Generic[T]):
                 self.pods.pop(name, None)
         if before != pod:
             self._on_change()
-
-
-def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """Split a watch stream into its JSON lines as the chunks arrive."""
-    pending = b""
-    for chunk in response.stream(65536, decode_content=False):
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        yield from (line for line in complete if line.strip())
-    if pending.strip():
-        yield pending
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body)["message"])
-    except (TypeError, ValueError, KeyError):
-        return str(exc.reason)

@@ -375,7 +375,7 @@ class _Watch:
     deadline: float | None
     bookmark_interval: float | None  # None: the client did not ask for bookmarks
     reset_generation: int
-    pending: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any] | bytes] = field(default_factory=list)  # bytes: a raw line, sent as is
     finish_after_pending: bool = False
     next_bookmark: float | None = None
 
@@ -490,7 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = _route(url.path, is_watch)
         if isinstance(fault, int):
             self._send_json(fault, api._fault_status(fault, route or _Route(None, None, "get")),
-                            record)
+                            record, api._fault_headers())
         elif not api._token_accepted(self.headers.get("Authorization")):
             self._send_json(401, status_object(401, "Unauthorized"), record)
         elif route is None:
@@ -548,12 +548,15 @@ class _Handler(BaseHTTPRequestHandler):
             if self._client_gone():
                 self.close_connection = True
                 return
+            if api.end_watches_at_once:
+                self._write_chunk(b"")
+                return
             if api.stall_watches:
                 self.server.stopping.wait(_WATCH_TICK)
                 continue
             events, finished = api._poll_watch(watch, time.monotonic())
             for event in events:
-                self._write_chunk(json.dumps(event).encode() + b"\n")
+                self._write_chunk(event if isinstance(event, bytes) else json.dumps(event).encode() + b"\n")
             if finished:
                 self._write_chunk(b"")  # the zero-length chunk ends the stream cleanly
                 return
@@ -563,9 +566,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-    def _send_json(self, code: int, body: dict[str, Any], record: Callable[[int], None]) -> None:
+    def _send_json(self, code: int, body: dict[str, Any], record: Callable[[int], None],
+                   headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -599,7 +605,7 @@ class KubeApiServer:
     """In-memory pod store served over HTTP, with switches for failure modes.
 
     All public methods are thread-safe. Attributes meant to be flipped by tests:
-    ``stall_watches``, ``delay``, ``bookmark_interval``, ``user``.
+    ``stall_watches``, ``end_watches_at_once``, ``delay``, ``bookmark_interval``, ``user``.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "test-token",
@@ -608,6 +614,7 @@ class KubeApiServer:
         self.port = port  # replaced by the real port on first start() when 0
         self.bookmark_interval = bookmark_interval
         self.stall_watches = False
+        self.end_watches_at_once = False  # watch streams end right after their headers, with no event
         self.delay = 0.0
         self.user = "system:serviceaccount:default:proxyctl"  # named in 403 messages
 
@@ -623,6 +630,7 @@ class KubeApiServer:
         self._resets_left = 0
         self._failures_left = 0
         self._failure_status = 500
+        self._failure_retry_after: str | None = None
         self._forbidden: set[str] = set()
         self._requests: list[RequestRecord] = []
         self._httpd: _HTTPServer | None = None
@@ -867,7 +875,7 @@ class KubeApiServer:
         """Sleep until the store changes or ``timeout`` passes; a change made
         since the watch's last poll returns at once instead of being missed."""
         with self._changed:
-            if self._rv == watch.cursor:
+            if self._rv == watch.cursor and not watch.pending:
                 self._changed.wait(timeout)
 
     # -- request log -------------------------------------------------------
@@ -909,10 +917,20 @@ class KubeApiServer:
             while victims & self._watches and time.monotonic() < deadline:
                 self._changed.wait(_WATCH_TICK)
 
-    def fail_next(self, n: int = 1, status: int = 500) -> None:
-        """Answer the next ``n`` requests with ``status`` and a Status body."""
+    def fail_next(self, n: int = 1, status: int = 500, retry_after: str | None = None) -> None:
+        """Answer the next ``n`` requests with ``status`` and a Status body,
+        with a ``Retry-After`` header when given (as for 429 and 503)."""
         with self._lock:
             self._failures_left, self._failure_status = n, status
+            self._failure_retry_after = retry_after
+
+    def send_raw(self, line: bytes) -> None:
+        """Send ``line`` (and a newline) as is on every open watch stream:
+        malformed events for clients to survive."""
+        with self._lock:
+            for watch in self._watches:
+                watch.pending.append(line + b"\n")
+            self._changed.notify_all()
 
     def forbid_namespace(self, namespace: str) -> None:
         """Answer every request in ``namespace`` with 403 until allowed again."""
@@ -939,6 +957,10 @@ class KubeApiServer:
                 self._failures_left -= 1
                 return self._failure_status
             return None
+
+    def _fault_headers(self) -> dict[str, str]:
+        with self._lock:
+            return {"Retry-After": self._failure_retry_after} if self._failure_retry_after else {}
 
     def _forbidden_status(self, route: _Route) -> dict[str, Any]:
         """The 403 Status RBAC produces, e.g. 'pods is forbidden: User "..."

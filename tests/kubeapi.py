@@ -518,6 +518,9 @@ class _Handler(BaseHTTPRequestHandler):
             pod_filter = PodFilter(namespace,
                                    tuple(parse_label_selector(query.get("labelSelector", ""))),
                                    tuple(parse_field_selector(query.get("fieldSelector", ""))))
+            version = query.get("resourceVersion", "")
+            if version and not version.isdigit():
+                raise ValueError(f"resourceVersion: Invalid value: {version!r}")
             watch = api._open_watch(pod_filter, query) if is_watch else None
         except ValueError as error:  # bad selector, resourceVersion or timeoutSeconds
             self._send_json(400, status_object(400, str(error)), record)

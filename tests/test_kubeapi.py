@@ -437,3 +437,36 @@ def test_request_log(core: client.CoreV1Api, kube_api: KubeApiServer) -> None:
     assert second.is_watch and second.query["watch"] == "true"
     assert kube_api.count(watch=True) == 1
     assert kube_api.count(path_contains="/namespaces/default/") == 1
+
+
+def test_a_list_records_its_resource_version_and_a_malformed_one_is_a_400(core: client.CoreV1Api,
+                                                                          kube_api: KubeApiServer) -> None:
+    core.list_namespaced_pod("default", resource_version="0")
+    core.list_namespaced_pod("default")
+    with pytest.raises(ApiException) as error:
+        core.list_namespaced_pod("default", resource_version="12; drop")
+    assert error.value.status == 400
+    assert [r.query.get("resourceVersion") for r in kube_api.requests] == ["0", None, "12; drop"]
+
+
+def test_fail_next_with_retry_after(kube_api: KubeApiServer) -> None:
+    kube_api.fail_next(1, 429, retry_after="3")
+    # urllib3 as the kubernetes client configures it by default would wait and retry by itself
+    pool = urllib3.PoolManager(retries=False)
+    response = pool.request("GET", f"{kube_api.url}/api/v1/namespaces/default/pods",
+                            headers={"Authorization": f"Bearer {kube_api.token}"})
+    assert response.status == 429 and response.headers["Retry-After"] == "3"
+    assert json.loads(response.data)["code"] == 429
+
+
+def test_end_watches_at_once_and_send_raw(core: client.CoreV1Api, kube_api: KubeApiServer) -> None:
+    kube_api.end_watches_at_once = True
+    started = time.monotonic()
+    assert list(watch.Watch().stream(core.list_namespaced_pod, "default", timeout_seconds=5)) == []
+    assert time.monotonic() - started < 1
+    kube_api.end_watches_at_once = False
+    response = core.list_namespaced_pod("default", watch=True, timeout_seconds=5, _preload_content=False)
+    wait_for(lambda: kube_api.open_watches == 1, 5)
+    kube_api.send_raw(b"not JSON")
+    assert response.readline().strip() == b"not JSON"
+    response.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator

@@ -124,6 +124,25 @@ def test_thousands_of_idle_connections_neither_delay_probes_nor_grow_memory(side
     assert grown < 30
 
 
+@pytest.mark.timeout(60)
+def test_proxyctl_serves_health_on_an_ipv6_loopback_address(kube_api: KubeApiServer, proxyctl) -> None:
+    kube_api.add_pod("agent", "default", {"app": "agent"}, node="node-a", ip="127.0.0.2")
+    config = sidecar_config(free_port())
+    made = proxyctl(config, start=False)
+    made.configmap.write(f"health: '[::1]:{made.health_port}'\n{config}")
+    made.start(wait_ready=False)
+    url = f"http://[::1]:{made.health_port}"
+
+    def ready() -> bool:
+        try:
+            return get(f"{url}/readyz")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 20, what=f"/readyz 200 on {url}")
+    assert get(f"{url}/healthz") == (200, "ok\n")
+
+
 def abort_mid_answer(port: int) -> None:
     """Ask, then reset the connection at once (SO_LINGER 0): the answer meets a closed socket."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:

@@ -133,7 +133,7 @@ def test_retry_after_is_honoured(kube_api: KubeApiServer, discover: MakeDiscover
     wait_for(lambda: kube_api.open_watches == 1, 10, what="the watch after the wait")
     told = next(r.time for r in kube_api.requests if r.status == status)
     retried = min(r.time for r in kube_api.requests if r.time > told)
-    assert 2.0 <= retried - told < 2.5
+    assert 2.0 <= retried - told < 3.5  # 2 s and a jitter of up to 0.2 s, on a busy machine
 
 
 def test_backoff_retries_fast_first_then_spreads_up_to_its_cap() -> None:

@@ -155,7 +155,9 @@ class Server:
             self._close(oldest)
 
     def _serve_connection(self, connection: socket.socket, events: int) -> None:
-        state = self._connections[connection]
+        state = self._connections.get(connection)
+        if state is None:
+            return  # closed earlier in this round, to make room for a newer one
         try:
             if events & selectors.EVENT_READ and not state.outbox:
                 data = connection.recv(4096)

@@ -191,3 +191,33 @@ def test_sigterm_with_aborting_clients_in_flight_exits_0(sidecar: Proxyctl) -> N
         for thread in threads:
             thread.join()
     assert_json_log_without_traceback(sidecar)
+
+
+def test_a_client_closed_to_make_room_while_it_was_sending_does_not_end_the_server(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server is held busy while new clients queue up and the oldest one sends: then
+    one round of the server accepts the new clients, closes the oldest, and meets its data."""
+    monkeypatch.setattr(health, "MAX_CONNECTIONS", 2)
+    busy, release = threading.Event(), threading.Event()
+
+    def status() -> health.Status:
+        if not busy.is_set():
+            busy.set()
+            release.wait(5)
+        return STATUS
+
+    made = health.serve("127.0.0.1:0", status)
+    address = ("127.0.0.1", made.port)
+    try:
+        with socket.create_connection(address, timeout=5) as oldest, \
+                socket.create_connection(address, timeout=5) as holder:
+            holder.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert busy.wait(5)
+            with socket.create_connection(address, timeout=5), socket.create_connection(address, timeout=5):
+                oldest.sendall(b"GET /healthz HTTP/1.1\r\n")
+                release.set()
+                assert holder.recv(100).startswith(b"HTTP/1.1 200 ")
+                assert get(f"http://127.0.0.1:{made.port}/healthz") == (200, "ok\n")
+    finally:
+        release.set()
+        made.shutdown()

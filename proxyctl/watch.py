@@ -8,7 +8,7 @@ Layered as kopf's watching is, each layer testable on its own:
   The newest resourceVersion of every event and BOOKMARK is kept as it is read, so a
   watch cut mid-stream resumes where it was, not where it began. 410 Gone, as an ERROR
   event or an HTTP status, relists.
-- `watch_request`: the one request; `events` and `_lines`: its JSON lines as events.
+- `watch_request`: the one request; `_lines` and `event`: its JSON lines, read as events.
 
 Lists are served from the API server's watch cache (`resourceVersion=0` at first, then
 "not older than" the version held), as client-go's reflectors ask, never as quorum reads

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from proxyctl.watch import BACKOFF_MAX
 from tests import kubeapi
 from tests.harness import Proxyctl
 from tests.kubeapi import KubeApiServer
@@ -409,7 +410,9 @@ def test_traffic_keeps_flowing_through_an_api_fault_and_the_sidecar_reconverges(
         started = time.monotonic()
         fault(scene)
         ended = time.monotonic()
-        eventually(sidecar, lambda: sinks[1].first_at is not None, 20, "traffic at the pod added during the fault")
+        # After a long outage the next attempt may come a whole backoff window (up to BACKOFF_MAX) later.
+        eventually(sidecar, lambda: sinks[1].first_at is not None, BACKOFF_MAX + 10,
+                   "traffic at the pod added during the fault")
         assert sinks[1].first_at is not None
         reconverged = max(0.0, sinks[1].first_at - ended)
         assert backends(sidecar) == {f"{OLD}:{port}", f"{NEW}:{port}"}

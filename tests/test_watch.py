@@ -116,6 +116,7 @@ def test_a_server_that_ends_every_watch_at_once_is_not_hammered(kube_api: KubeAp
     before = kube_api.count(watch=True)
     time.sleep(3.0)  # the span the request rate is measured over, not a wait for state
     made = kube_api.count(watch=True) - before
+    print(f"{made} watch requests in 3 s against a server that ends every watch at once")
     assert made <= 15, f"{made} watch requests in 3 s"  # backoff doubles from 0.2 s: about 5
     kube_api.end_watches_at_once = False
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
@@ -133,6 +134,7 @@ def test_retry_after_is_honoured(kube_api: KubeApiServer, discover: MakeDiscover
     wait_for(lambda: kube_api.open_watches == 1, 10, what="the watch after the wait")
     told = next(r.time for r in kube_api.requests if r.status == status)
     retried = min(r.time for r in kube_api.requests if r.time > told)
+    print(f"Retry-After: 2 with {status}: retried {retried - told:.2f} s later")
     assert 2.0 <= retried - told < 3.5  # 2 s and a jitter of up to 0.2 s, on a busy machine
 
 

@@ -60,17 +60,15 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
-def listen_hosts(config: Config, ipv6_loopback: bool) -> list[str]:
+def listen_addresses(config: Config, ipv6_loopback: bool) -> list[str]:
     """The addresses every route listens on: `listenAddress` when the file sets it, else loopback.
 
     Both loopbacks by default: where `localhost` resolves to ::1 first, a client sending to
     localhost:PORT would otherwise lose every datagram without an error.
     """
     if "listen_address" in config.model_fields_set:
-        hosts = [config.listen_address]
-    else:
-        hosts = ["127.0.0.1", "::1"] if ipv6_loopback else ["127.0.0.1"]
-    return [f"[{host}]" if ":" in host else host for host in hosts]
+        return [config.listen_address]
+    return ["127.0.0.1", "::1"] if ipv6_loopback else ["127.0.0.1"]
 
 
 def worker_connections(routes: int, open_files: int | None) -> int:
@@ -98,7 +96,7 @@ def render(
     return _template(template or default_template()).render(
         routes=config.routes,
         endpoints={name: sorted(backends) for name, backends in endpoints.items()},
-        listen_hosts=listen_hosts(config, ipv6_loopback),
+        listen_hosts=[f"[{a}]" if ":" in a else a for a in listen_addresses(config, ipv6_loopback)],
         state_dir=state_dir,
         stream_module=stream_module,
         worker_connections=worker_connections(len(config.routes), open_files),

@@ -517,7 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             pod_filter = PodFilter(namespace,
                                    tuple(parse_label_selector(query.get("labelSelector", ""))),
-                                   tuple(parse_field_selector(query.get("fieldSelector", ""))))
+                                   tuple(parse_field_selector(query.get("fieldSelector", "")))
+                                   if not api.ignore_field_selector else ())
             watch = api._open_watch(pod_filter, query) if is_watch else None
         except ValueError as error:  # bad selector, resourceVersion or timeoutSeconds
             self._send_json(400, status_object(400, str(error)), record)
@@ -599,7 +600,8 @@ class KubeApiServer:
     """In-memory pod store served over HTTP, with switches for failure modes.
 
     All public methods are thread-safe. Attributes meant to be flipped by tests:
-    ``stall_watches``, ``delay``, ``bookmark_interval``, ``user``.
+    ``stall_watches``, ``delay``, ``bookmark_interval``, ``user``, ``ignore_field_selector``
+    (answer as if none was given, like a server or proxy that drops it).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "test-token",
@@ -609,6 +611,7 @@ class KubeApiServer:
         self.bookmark_interval = bookmark_interval
         self.stall_watches = False
         self.delay = 0.0
+        self.ignore_field_selector = False
         self.user = "system:serviceaccount:default:proxyctl"  # named in 403 messages
 
         self._lock = threading.Lock()

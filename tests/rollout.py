@@ -84,6 +84,7 @@ class Rollout:
 
     def __init__(self, stack: ExitStack, root: Path, source: Path | None, policy: str, api_delay: float) -> None:
         self.stack, self.root, self.api_delay = stack, root, api_delay
+        root.mkdir(parents=True, exist_ok=True)
         self.api = KubeApiServer()
         self.api.start()
         stack.callback(self.api.stop)
@@ -95,7 +96,8 @@ class Rollout:
             f" targetPort: {self.udp_target}, whenNoLocalPod: {policy}}}\n"
             f"  - {{name: fluent, port: {self.tcp_port}, protocol: tcp, selector: app=node-agent, namespace: {NS},"
             f" targetPort: {self.tcp_target}, whenNoLocalPod: {policy}}}\n")
-        self.env = {"PYTHONPATH": str(source)} if source is not None else {}
+        # PYTHONSAFEPATH: the working directory's own proxyctl must not shadow the one at `source`.
+        self.env = {"PYTHONPATH": str(source), "PYTHONSAFEPATH": "1"} if source is not None else {}
         self.agents: list[Node] = []
         self.started = 0.0
         self.marks: dict[str, float] = {}

@@ -9,6 +9,7 @@ the phase it was sent in, so the table says where anything was lost.
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -213,10 +214,13 @@ def start_without_local_pod(root: Path, source: Path | None = None, wait: float 
         rollout.api.add_pod("agent-remote", NS, AGENT, node="node-b", ip=REMOTE)
         started = time.monotonic()
         sidecar = rollout.sidecar(wait_ready=False)
-        udp = dogstatsd_load(rollout.udp_port, UDP_RATE)
-        stack.callback(udp.stop)
+        # One socket, bound once: a client that reopens its socket after each refusal could
+        # take the route's port for itself before nginx binds it.
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stack.callback(probe.close)
         ready_at = traffic_at = None
         while time.monotonic() - started < wait and (ready_at is None or traffic_at is None):
+            probe.sendto(b"rollout:1|c|#seq:0", ("127.0.0.1", rollout.udp_port))
             if ready_at is None and sidecar.get("/readyz")[0] == 200:
                 ready_at = time.monotonic() - started
             if traffic_at is None and remote.statsd.seqs:

@@ -49,22 +49,37 @@ class StatsdAgent:
         config.write_text(json.dumps({"address": host, "port": port, "mgmt_address": host,
                                       "mgmt_port": free_port(host), "dumpMessages": True, "backends": [],
                                       "flushInterval": 3_600_000}))
-        self.seqs: set[int] = set()
-        self._probed = threading.Event()
-        self.process = subprocess.Popen(["node", str(statsd_daemon()), str(config)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        # A file, not a pipe: node writes to a pipe synchronously, and a reader that falls behind
+        # would stall the daemon until its socket buffer overflows.
+        self.log = workdir / f"statsd-{host}-{port}.log"
+        self._seqs: set[int] = set()
+        self._probed = False
+        self._read_up_to = 0
+        with self.log.open("wb") as output:
+            self.process = subprocess.Popen(["node", str(statsd_daemon()), str(config)], stdout=output,
+                                            stderr=subprocess.STDOUT)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            wait_for(lambda: probe.sendto(b"probe:1|c", (host, port)) and self._probed.wait(0.05), 20,
-                     what=f"statsd listening on {host}:{port}")
+            wait_for(lambda: probe.sendto(b"probe:1|c", (host, port)) and self._read() and self._probed, 20,
+                     interval=0.05, what=f"statsd listening on {host}:{port}")
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if match := _SEQ.search(line.rstrip()):
-                self.seqs.add(int(match.group(1)))
+    @property
+    def seqs(self) -> set[int]:
+        self._read()
+        return self._seqs
+
+    def _read(self) -> bool:
+        """Take in the complete lines the daemon has logged since the last call."""
+        with self.log.open("rb") as output:
+            output.seek(self._read_up_to)
+            data = output.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self._read_up_to += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            if match := _SEQ.search(line):
+                self._seqs.add(int(match.group(1)))
             elif "DEBUG: probe:1|c" in line:
-                self._probed.set()
+                self._probed = True
+        return True
 
     def stop(self) -> None:
         """Stop as a pod's container does on SIGTERM."""

@@ -139,8 +139,8 @@ def write_markdown(path: Path, command: str, machine: Sequence[tuple[str, str]],
         "```",
         "",
         "`python -m bench --quick` is a smoke check (one round, shorter loads, about two minutes); "
-        "`--only udp-many,udp-one,tcp,convergence,footprint,scale` picks cases. Neither rewrites this file "
-        "unless given `--report PATH`. The full run takes about eight minutes on the machine below.",
+        "`--only udp-many,udp-one,tcp,convergence,footprint,scale,rollout` picks cases. Neither rewrites this file "
+        "unless given `--report PATH`. The full run takes about ten minutes on the machine below.",
         "",
         "Every case runs several times, alternating the contenders within each round so that a noisy machine "
         "shifts them alike; the tables show medians, and ratios against the direct path of the same round.",

@@ -40,6 +40,9 @@ REDIS_HAPROXY = [Need("redis-server", "apt-get install -y redis-server"),
                  Need("redis-benchmark", "apt-get install -y redis-tools"),
                  Need("haproxy", "apt-get install -y haproxy")]
 MATPLOTLIB = Need("python:matplotlib", "pip install matplotlib")
+AGENTS = [Need("npm", "apt-get install -y npm (statsd is installed from npm on first use)"),
+          Need("git", "apt-get install -y git (the before column is exported from git history)"),
+          Need("python:fluent", "pip install -e '.[test]' (fluent-logger)")]
 
 
 def _first_line(command: Sequence[str]) -> str:

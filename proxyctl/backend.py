@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 
 def plain_ip(value: object) -> str:
@@ -45,6 +46,74 @@ class Backend:
 
 
 Endpoints = Mapping[str, "list[Backend]"]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _address(ip: str) -> Address:
+    """`ip` as the kernel routes it: ::ffff:127.0.0.1 is 127.0.0.1."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One socket nginx listens on for this sidecar."""
+
+    protocol: str
+    address: str
+    port: int
+
+    def covers(self, ip: str, own: Collection[str]) -> bool:
+        """Whether traffic sent to `ip` on this port arrives here. A wildcard (nginx binds [::]
+        as IPv6-only) takes every loopback address of its family and the pod's own addresses."""
+        host, target = _address(self.address), _address(ip)
+        if host.is_unspecified:
+            return target.version == host.version and (target.is_loopback or str(target) in own)
+        return target == host
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+def unusable(backend: Backend, protocol: str, listeners: Iterable[Listener], own: Collection[str]) -> str | None:
+    """Why `backend` must not get a route's traffic, or None when it may.
+
+    A pod whose address is this sidecar's own listener would send every datagram back to
+    us, forever; an unspecified, multicast or broadcast address is no pod at all.
+    """
+    address = _address(backend.ip)
+    if address.is_unspecified:
+        return "an unspecified address is no pod"
+    if address.is_multicast:
+        return "a multicast address is no pod"
+    if address == BROADCAST:
+        return "the broadcast address is no pod"
+    for listener in listeners:
+        if listener.protocol == protocol and listener.port == backend.port and listener.covers(backend.ip, own):
+            return f"it is this sidecar's own listener {listener}: traffic would loop back to it"
+    return None
+
+
+def own_addresses(env: Mapping[str, str]) -> frozenset[str]:
+    """This pod's own addresses: `POD_IP`/`MY_POD_IP`/`POD_IPS` (downward API status.podIP(s)),
+    and what its hostname resolves to (the kubelet writes the pod IP for it into /etc/hosts)."""
+    found = {ip.strip() for name in ("POD_IP", "MY_POD_IP", "POD_IPS") for ip in env.get(name, "").split(",")}
+    try:
+        found |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    addresses = set()
+    for ip in found:
+        try:
+            addresses.add(str(_address(plain_ip(ip))))
+        except ValueError:
+            continue
+    return frozenset(addresses)
 
 
 def parse_endpoints(data: Any, source: str) -> dict[str, list[Backend]]:

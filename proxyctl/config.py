@@ -187,7 +187,8 @@ class Config(_Model):
     """The whole file: the routes and the sidecar's own settings."""
 
     routes: list[Route] = Field(min_length=1)
-    listen_address: str = Field("127.0.0.1", description="address nginx listens on; 0.0.0.0 must be asked for")
+    listen_address: str = Field("127.0.0.1", description="address nginx listens on; unset: 127.0.0.1 and, "
+                                "where the pod has it, ::1; 0.0.0.0 must be asked for")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     health: str = Field("127.0.0.1:9901", description="host:port of the health and metrics server")
     watch_timeout: Duration = Field(300.0, description="each watch is asked to end within this; default 5m")

@@ -10,15 +10,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from proxyctl.backend import Backend, plain_ip
+from proxyctl.backend import Backend, Listener, own_addresses, plain_ip, unusable
 from proxyctl.config import Config, Route
 from proxyctl.kube import Api, Identity, identity
+from proxyctl.render import has_ipv6_loopback, listen_addresses
 from proxyctl.watch import Watch, WatchKey, list_objects
 
 log = logging.getLogger("proxyctl.discovery")
 
+# How long an anyNode route keeps the backends it serves while other nodes' pods are still
+# being listed: an API answering late must not turn into "no backend" for that long.
+FALLBACK_HOLD = 5.0
 
 # --- pods as the data plane needs them ---------------------------------------------------
 
@@ -36,10 +40,11 @@ class Pod:
 
     @property
     def serving(self) -> bool:
-        return self.ip is not None and self.ready and not self.terminating
+        """Ready with an address: it takes traffic, even while terminating (an EndpointSlice's `serving`)."""
+        return self.ip is not None and self.ready
 
     def backend(self, route: Route) -> Backend | None:
-        """This pod as a backend of `route`: named target ports resolve per pod."""
+        """This serving pod as a backend of `route`: named target ports resolve per pod."""
         target = route.target_port or route.port
         port = self.ports.get(target) if isinstance(target, str) else target
         if not self.serving or port is None:
@@ -92,8 +97,45 @@ def _part(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def backends_of(route: Route, pods: list[Pod]) -> list[Backend]:
-    return sorted({b for pod in pods if (b := pod.backend(route)) is not None})
+def backends_of(route: Route, pods: Iterable[Pod]) -> list[Backend]:
+    """The ready pods that are not terminating; when there are none, those terminating but
+    still Ready, which still serve (kube-proxy falls back the same way, KEP-1669)."""
+    staying: set[Backend] = set()
+    leaving: set[Backend] = set()
+    for pod in pods:
+        if (backend := pod.backend(route)) is not None:
+            (leaving if pod.terminating else staying).add(backend)
+    return sorted(staying or leaving)
+
+
+def local_pods(pods: Iterable[Pod], node: str) -> tuple[list[Pod], list[str]]:
+    """The pods on `node`, and a note for each other one: the field selector alone is not trusted."""
+    here, notes = [], []
+    for pod in pods:
+        if pod.node == node:
+            here.append(pod)
+        else:
+            notes.append(f"pod {pod.name} is on node {pod.node or '(none)'}, not {node}: skipped")
+    return here, notes
+
+
+def usable(route: Route, backends: Iterable[Backend], listeners: Iterable[Listener],
+           own: frozenset[str]) -> tuple[list[Backend], list[str]]:
+    """`backends` that may get the route's traffic, and a note for each one that may not."""
+    kept, notes = [], []
+    for backend in backends:
+        reason = unusable(backend, route.protocol, listeners, own)
+        if reason is None:
+            kept.append(backend)
+        else:
+            notes.append(f"backend {backend} skipped: {reason}")
+    return kept, notes
+
+
+def listeners_of(config: Config) -> list[Listener]:
+    """Every socket nginx listens on for `config`."""
+    addresses = listen_addresses(config, has_ipv6_loopback())
+    return [Listener(route.protocol, address, route.port) for route in config.routes for address in addresses]
 
 
 def list_pods(core: Api, key: WatchKey, read_timeout: float) -> tuple[dict[str, Pod], str]:
@@ -123,9 +165,15 @@ class Discovery:
         self._on_change = on_change
         self._lock = threading.RLock()
         self._core = Api(env)
+        self._own = own_addresses(env)
         self._routes: list[Route] = []
+        self._listeners: list[Listener] = []
         self.watches: dict[WatchKey, PodWatch] = {}
         self._closed_restarts = 0  # restarts of watches closed since: the counter never goes down
+        self._served: dict[str, list[Backend]] = {}  # what endpoints() last gave, per route
+        self._held_since: dict[str, float] = {}  # anyNode routes keeping their backends, since when
+        self._notes: dict[str, list[str]] = {}  # skipped pods and backends, per route, as last logged
+        self._stopped = False
 
     def client(self, reload: bool = False) -> Api:
         """The shared API client; `reload=True` builds it anew from fresh credentials."""
@@ -134,30 +182,45 @@ class Discovery:
                 self._core = Api(self._env)
             return self._core
 
-    def set_routes(self, routes: list[Route], watch_timeout: float) -> None:
+    def set_config(self, config: Config) -> None:
         """Open the watches new routes need and close those no route needs any more."""
         with self._lock:
-            self._routes = list(routes)
-            if watch_timeout != self.watch_timeout:
-                self.watch_timeout = watch_timeout
+            self._routes = list(config.routes)
+            self._listeners = listeners_of(config)
+            if config.watch_timeout != self.watch_timeout:
+                self.watch_timeout = config.watch_timeout
                 for watch in self.watches.values():
-                    watch.timeout = watch_timeout  # from its next request on: nothing relists, no route empties
+                    watch.timeout = config.watch_timeout  # from its next request on: nothing relists, no route empties
             self._reconcile()
 
     def _reconcile(self) -> None:
-        """Local watches for every route; a cluster-wide one only while an anyNode route has no local pod."""
+        """Local watches for every route; a cluster-wide one while an anyNode route has no local
+        pod that stays: opened as soon as the last one starts terminating, to be listed in time."""
         wanted = {WatchKey.of(r, self.me) for r in self._routes}
-        for route in self._routes:
-            local = self.watches.get(WatchKey.of(route, self.me))
-            if route.when_no_local_pod == "anyNode" and local is not None and local.synced.is_set() \
-                    and not backends_of(route, local.snapshot()):
-                wanted.add(WatchKey.of(route, self.me, everywhere=True))
+        wanted |= {WatchKey.of(r, self.me, everywhere=True) for r in self._routes if self._needs_fallback(r)}
         self._close(set(self.watches) - wanted)
         for key in wanted - set(self.watches):
             log.info("watching %s", key)
             watch = PodWatch(key, self.client, self.watch_timeout, self._changed)
             self.watches[key] = watch
             watch.start()
+            threading.Thread(target=self._await_list, args=(watch,), name=f"listed? {key}", daemon=True).start()
+
+    def _needs_fallback(self, route: Route) -> bool:
+        local = self.watches.get(WatchKey.of(route, self.me))
+        if route.when_no_local_pod != "anyNode" or local is None or not local.synced.is_set():
+            return False
+        staying = [pod for pod in local_pods(local.snapshot(), self.me.node)[0] if not pod.terminating]
+        return not usable(route, backends_of(route, staying), self._listeners, self._own)[0]
+
+    def _await_list(self, watch: PodWatch) -> None:
+        """A first list that finds nothing changes nothing, so the watch does not report it; yet
+        an anyNode route must then open its fallback, and a held route learn it is listed."""
+        while not watch.synced.wait(1.0):
+            with self._lock:
+                if self._stopped or self.watches.get(watch.key) is not watch:
+                    return
+        self._changed()
 
     def _close(self, keys: set[WatchKey]) -> None:
         for key in keys:
@@ -168,27 +231,70 @@ class Discovery:
 
     def _changed(self) -> None:
         with self._lock:
+            if self._stopped:
+                return
             self._reconcile()
         self._on_change()
 
     def wait_synced(self, timeout: float) -> bool:
+        """Wait until every watch has listed, including fallbacks that the first lists call for."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            watches = list(self.watches.values())
-        return all(w.synced.wait(max(0.0, deadline - time.monotonic())) for w in watches)
+        while True:
+            with self._lock:
+                self._reconcile()
+                pending = [w for w in self.watches.values() if not w.synced.is_set()]
+            if not pending:
+                return True
+            if not pending[0].synced.wait(max(0.0, deadline - time.monotonic())):
+                return False
 
     def endpoints(self) -> dict[str, list[Backend]]:
-        """route name → backends, local pods first; other nodes' only for anyNode routes without one."""
+        """route name → backends: local pods that stay, else local pods terminating but still
+        Ready, else (anyNode) other nodes' pods; never a self-loop."""
         with self._lock:
             table = {}
             for route in self._routes:
-                local = self.watches.get(WatchKey.of(route, self.me))
-                backends = backends_of(route, local.snapshot()) if local else []
-                fallback = self.watches.get(WatchKey.of(route, self.me, everywhere=True))
-                if not backends and fallback is not None and route.when_no_local_pod == "anyNode":
-                    backends = backends_of(route, fallback.snapshot())
-                table[route.key] = backends
+                table[route.key], notes = self._choose(route)
+                if notes != self._notes.get(route.key, []):
+                    for note in sorted(set(notes) - set(self._notes.get(route.key, []))):
+                        log.warning("route %s: %s", route.key, note)
+                    self._notes[route.key] = notes
+            self._served = table
             return table
+
+    def _choose(self, route: Route) -> tuple[list[Backend], list[str]]:
+        local = self.watches.get(WatchKey.of(route, self.me))
+        pods, notes = local_pods(local.snapshot() if local else [], self.me.node)
+        backends, skipped = usable(route, backends_of(route, pods), self._listeners, self._own)
+        notes += skipped
+        if backends or route.when_no_local_pod != "anyNode":
+            self._held_since.pop(route.key, None)
+            return backends, notes
+        fallback = self.watches.get(WatchKey.of(route, self.me, everywhere=True))
+        if fallback is None or not fallback.synced.is_set():
+            return self._hold(route), notes
+        self._held_since.pop(route.key, None)
+        backends, skipped = usable(route, backends_of(route, fallback.snapshot()), self._listeners, self._own)
+        return backends, notes + skipped
+
+    def _hold(self, route: Route) -> list[Backend]:
+        """Keep what `route` serves while other nodes' pods are listed, for at most FALLBACK_HOLD."""
+        served = self._served.get(route.key, [])
+        if not served:
+            return []
+        now = time.monotonic()
+        if route.key not in self._held_since:
+            self._held_since[route.key] = now
+            log.info("route %s: no local pod; keeping %s while other nodes' pods are listed (at most %gs)",
+                     route.key, ", ".join(map(str, served)), FALLBACK_HOLD)
+            timer = threading.Timer(FALLBACK_HOLD, self._changed)
+            timer.daemon = True
+            timer.start()
+        if now - self._held_since[route.key] < FALLBACK_HOLD:
+            return served
+        log.warning("route %s: other nodes' pods still not listed after %gs; no backend until they are",
+                    route.key, FALLBACK_HOLD)
+        return []
 
     @property
     def restarts(self) -> int:
@@ -201,6 +307,7 @@ class Discovery:
 
     def stop(self) -> None:
         with self._lock:
+            self._stopped = True
             self._close(set(self.watches))
 
 
@@ -208,12 +315,16 @@ def list_endpoints(config: Config, env: Mapping[str, str]) -> dict[str, list[Bac
     """One list per route, no watch: what `proxyctl render` shows without `--endpoints`."""
     core = Api(env)
     me = identity(env, core)
+    listeners, own = listeners_of(config), own_addresses(env)
     table = {}
     for route in config.routes:
-        local, _ = list_pods(core, WatchKey.of(route, me), 30)
-        backends = backends_of(route, list(local.values()))
+        pods, notes = local_pods(list_pods(core, WatchKey.of(route, me), 30)[0].values(), me.node)
+        backends, skipped = usable(route, backends_of(route, pods), listeners, own)
         if not backends and route.when_no_local_pod == "anyNode":
-            everywhere, _ = list_pods(core, WatchKey.of(route, me, everywhere=True), 30)
-            backends = backends_of(route, list(everywhere.values()))
+            everywhere = list_pods(core, WatchKey.of(route, me, everywhere=True), 30)[0].values()
+            backends, more = usable(route, backends_of(route, everywhere), listeners, own)
+            skipped += more
+        for note in notes + skipped:
+            log.warning("route %s: %s", route.key, note)
         table[route.key] = backends
     return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import socket
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,6 +49,28 @@ def _template(path: Path) -> jinja2.Template:
     return env.get_template(path.name)
 
 
+@functools.cache
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 exists here: pods of IPv4-only clusters, or with IPv6 disabled, lack it."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def listen_addresses(config: Config, ipv6_loopback: bool) -> list[str]:
+    """The addresses every route listens on: `listenAddress` when the file sets it, else loopback.
+
+    Both loopbacks by default: where `localhost` resolves to ::1 first, a client sending to
+    localhost:PORT would otherwise lose every datagram without an error.
+    """
+    if "listen_address" in config.model_fields_set:
+        return [config.listen_address]
+    return ["127.0.0.1", "::1"] if ipv6_loopback else ["127.0.0.1"]
+
+
 def worker_connections(routes: int, open_files: int | None) -> int:
     """Slots for `routes` routes, within the cap and within the open files nginx may have."""
     wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * max(2, routes))
@@ -61,16 +84,19 @@ def render(
     stream_module: str | None = None,
     template: Path | None = None,
     open_files: int | None = None,
+    ipv6_loopback: bool | None = None,
 ) -> str:
     """The complete nginx.conf for `config` with `endpoints` (route name → backends).
 
     `open_files` is the open-file limit nginx inherits; the connection table stays within it.
+    `ipv6_loopback` says whether ::1 exists; None asks this machine (once per process).
     """
-    host = config.listen_address
+    if ipv6_loopback is None:
+        ipv6_loopback = has_ipv6_loopback()
     return _template(template or default_template()).render(
         routes=config.routes,
         endpoints={name: sorted(backends) for name, backends in endpoints.items()},
-        listen_host=f"[{host}]" if ":" in host else host,
+        listen_hosts=[f"[{a}]" if ":" in a else a for a in listen_addresses(config, ipv6_loopback)],
         state_dir=state_dir,
         stream_module=stream_module,
         worker_connections=worker_connections(len(config.routes), open_files),

@@ -100,7 +100,7 @@ class Sidecar:
                         self.config.health)
         logs.setup(candidate.log_level, self.env)
         self.config, self.config_valid = candidate, True
-        self.discovery.set_routes(candidate.routes, candidate.watch_timeout)
+        self.discovery.set_config(candidate)
         self.discovery.wait_synced(NEW_ROUTE_SYNC_TIMEOUT)
 
     def _converge(self) -> None:
@@ -121,7 +121,7 @@ class Sidecar:
             self.nginx.write(self.applied)  # a restarted nginx must come back with the good one
             if self.config is not self.applied_config:  # so later pod changes render the good one too
                 self.config = self.applied_config
-                self.discovery.set_routes(self.config.routes, self.config.watch_timeout)
+                self.discovery.set_config(self.config)
             return
         self.applied, self.applied_endpoints, self.applied_config = text, endpoints, self.config
         self.reloads += 1
@@ -157,7 +157,7 @@ class Sidecar:
 
     def run(self, me: Identity) -> int:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
-        self.discovery.set_routes(self.config.routes, self.config.watch_timeout)
+        self.discovery.set_config(self.config)
         server = health.serve(self.config.health, self.status)
         if not self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
             log.warning("not every watch has listed its pods yet; starting nginx with what is known")

@@ -517,7 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             pod_filter = PodFilter(namespace,
                                    tuple(parse_label_selector(query.get("labelSelector", ""))),
-                                   tuple(parse_field_selector(query.get("fieldSelector", ""))))
+                                   tuple(parse_field_selector(query.get("fieldSelector", "")))
+                                   if not api.ignore_field_selector else ())
             version = query.get("resourceVersion", "")
             if version and not version.isdigit():
                 raise ValueError(f"resourceVersion: Invalid value: {version!r}")
@@ -608,7 +609,8 @@ class KubeApiServer:
     """In-memory pod store served over HTTP, with switches for failure modes.
 
     All public methods are thread-safe. Attributes meant to be flipped by tests:
-    ``stall_watches``, ``end_watches_at_once``, ``delay``, ``bookmark_interval``, ``user``.
+    ``stall_watches``, ``end_watches_at_once``, ``delay``, ``bookmark_interval``, ``user``,
+    ``ignore_field_selector`` (answer as if none was given, like a server or proxy that drops it).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "test-token",
@@ -619,6 +621,7 @@ class KubeApiServer:
         self.stall_watches = False
         self.end_watches_at_once = False  # watch streams end right after their headers, with no event
         self.delay = 0.0
+        self.ignore_field_selector = False
         self.user = "system:serviceaccount:default:proxyctl"  # named in 403 messages
 
         self._lock = threading.Lock()

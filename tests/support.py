@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+from proxyctl.render import has_ipv6_loopback
+
 T = TypeVar("T")
 
 
@@ -23,17 +25,24 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP on `host` (routes may use the same port for both)."""
+    """A port free for both TCP and UDP on `host` (routes may use the same port for both), and
+    on ::1 too where it exists, since nginx listens on both loopbacks by default."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
+            if _bindable(socket.AF_INET, socket.SOCK_DGRAM, host, port) and (not has_ipv6_loopback() or all(
+                    _bindable(socket.AF_INET6, kind, "::1", port) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM))):
                 return port
+
+
+def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> bool:
+    with socket.socket(family, kind) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 class UdpSink:

@@ -6,12 +6,15 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from proxyctl.config import Route, load_config
+from proxyctl.config import Config, load_config
+from proxyctl import discovery as discovery_module
+from proxyctl.backend import Backend
 from proxyctl.discovery import Discovery
 from proxyctl.kube import Identity
 from tests.kubeapi import KubeApiServer
@@ -23,8 +26,8 @@ AGENT = {"app": "dd-agent"}
 MakeDiscovery = Callable[..., Discovery]
 
 
-def routes(*lines: str) -> list[Route]:
-    return load_config("routes:\n" + "".join(f"  - {line}\n" for line in lines)).routes
+def routes(*lines: str, extra: str = "") -> Config:
+    return load_config(extra + "routes:\n" + "".join(f"  - {line}\n" for line in lines))
 
 
 DOGSTATSD = "{name: dogstatsd, port: 8125, protocol: udp, selector: app=dd-agent, namespace: kube-system}"
@@ -36,10 +39,11 @@ def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]
     started: list[Discovery] = []
     kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
 
-    def make(route_list: list[Route], watch_timeout: float = 60.0, env: dict[str, str] | None = None) -> Discovery:
+    def make(config: Config, watch_timeout: float = 60.0, env: dict[str, str] | None = None) -> Discovery:
+        config = config.model_copy(update={"watch_timeout": watch_timeout})
         discovery = Discovery(env or {"KUBECONFIG": kubeconfig}, Identity("node-a", "default"), watch_timeout,
                               lambda: None)
-        discovery.set_routes(route_list, watch_timeout)
+        discovery.set_config(config)
         started.append(discovery)
         return discovery
 
@@ -284,3 +288,162 @@ def test_render_without_endpoints_asks_the_cluster_once(kube_api: KubeApiServer,
     assert result.returncode == 0, result.stderr
     assert "server 127.0.0.2:8125;" in result.stdout and "127.0.0.3" not in result.stdout
     assert [(r.is_watch, r.query.get("fieldSelector")) for r in kube_api.requests] == [(False, "spec.nodeName=node-a")]
+
+
+ANY_NODE = DOGSTATSD.replace("}", ", whenNoLocalPod: anyNode}")
+
+
+def cluster_wide(discovery: Discovery) -> bool:
+    return any(key.node is None for key in discovery.watches)
+
+
+def test_a_terminating_pod_still_ready_serves_until_a_staying_one_exists(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("old", NS, AGENT, node="node-a", ip="127.0.0.2")
+    discovery = discover(routes(DOGSTATSD))
+    assert discovery.wait_synced(10) and backends(discovery) == ["127.0.0.2:8125"]
+
+    def expect(expected: list[str]) -> None:
+        wait_for(lambda: backends(discovery) == expected, 10, what=f"backends {expected}, have {backends(discovery)}")
+
+    kube_api.update_pod(NS, "old", terminating=True)  # the only local pod, Ready while it drains
+    kube_api.add_pod("other-node", NS, AGENT, node="node-b", ip="127.0.0.9")
+    expect(["127.0.0.2:8125"])
+    kube_api.add_pod("new", NS, AGENT, node="node-a", ip="127.0.0.3", ready=False)
+    expect(["127.0.0.2:8125"])  # the new one does not serve yet
+    kube_api.update_pod(NS, "new", ready=True)
+    expect(["127.0.0.3:8125"])  # a staying pod wins over a leaving one
+    kube_api.update_pod(NS, "new", terminating=True)
+    expect(["127.0.0.2:8125", "127.0.0.3:8125"])  # both leaving, both serving
+    kube_api.update_pod(NS, "old", ready=False)
+    expect(["127.0.0.3:8125"])  # terminating and no longer Ready: done
+    kube_api.delete_pod(NS, "new")
+    expect([])
+    assert not cluster_wide(discovery)  # reject: never another node
+
+
+def test_any_node_with_no_local_pod_at_the_first_list_falls_back_at_once(kube_api: KubeApiServer,
+                                                                          discover) -> None:
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(ANY_NODE))
+    assert discovery.wait_synced(10)  # waits for the fallback the empty first list calls for
+    assert backends(discovery) == ["127.0.0.3:8125"] and cluster_wide(discovery)
+
+
+def test_any_node_route_added_later_with_no_local_pod_falls_back(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes("{name: other, port: 9000, protocol: udp, selector: app=x, namespace: kube-system}"))
+    assert discovery.wait_synced(10)
+    discovery.set_config(routes(ANY_NODE))  # as a config change does; nobody waits for it here
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 5, what="the other node's pod")
+
+
+def test_any_node_lists_other_nodes_while_the_last_local_pod_terminates(kube_api: KubeApiServer, discover) -> None:
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(ANY_NODE))
+    assert discovery.wait_synced(10) and not cluster_wide(discovery)
+
+    kube_api.update_pod(NS, "local", terminating=True)
+    wait_for(lambda: cluster_wide(discovery) and all(w.synced.is_set() for w in discovery.watches.values()), 10,
+             what="other nodes' pods listed while the local one terminates")
+    assert backends(discovery) == ["127.0.0.2:8125"]  # the terminating one still serves meanwhile
+    kube_api.delete_pod(NS, "local")
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 10, what="the other node's pod")
+
+    kube_api.add_pod("local-2", NS, AGENT, node="node-a", ip="127.0.0.4")
+    wait_for(lambda: backends(discovery) == ["127.0.0.4:8125"] and not cluster_wide(discovery), 10,
+             what="the new local pod, and the fallback closed")
+
+
+def test_any_node_keeps_what_it_serves_while_a_slow_api_lists_other_nodes(kube_api: KubeApiServer, discover,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(ANY_NODE))
+    assert discovery.wait_synced(10) and backends(discovery) == ["127.0.0.2:8125"]
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="the local watch open")
+
+    kube_api.delay = 1.0  # every new request answers 1 s late; the open watch still streams
+    kube_api.delete_pod(NS, "local")  # gone at once: it crashed, or was evicted
+    wait_for(lambda: cluster_wide(discovery), 5, what="the fallback watch opened")
+    seen = []
+    wait_for(lambda: seen.append(backends(discovery)) or seen[-1] == ["127.0.0.3:8125"], 10,
+             what="the other node's pod")
+    assert all(b in (["127.0.0.2:8125"], ["127.0.0.3:8125"]) for b in seen), seen  # never "no backend"
+    assert seen.count(["127.0.0.2:8125"]) > 10  # held while the fallback was listed
+    assert any("keeping 127.0.0.2:8125 while other nodes' pods are listed" in r.getMessage() for r in caplog.records)
+
+
+def test_the_hold_is_bounded_and_says_so(kube_api: KubeApiServer, discover, caplog: pytest.LogCaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(discovery_module, "FALLBACK_HOLD", 0.5)
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(ANY_NODE))
+    assert discovery.wait_synced(10) and backends(discovery) == ["127.0.0.2:8125"]
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="the local watch open")
+
+    kube_api.forbid_namespace(NS)  # other nodes' pods cannot be listed at all
+    kube_api.delete_pod(NS, "local")
+    wait_for(lambda: cluster_wide(discovery), 5, what="the fallback watch opened")
+    assert backends(discovery) == ["127.0.0.2:8125"]
+    started = time.monotonic()
+    wait_for(lambda: backends(discovery) == [], 5, what="the hold to end")
+    assert 0.3 < time.monotonic() - started < 1.5
+    assert any("still not listed after 0.5s" in r.getMessage() for r in caplog.records)
+
+    kube_api.allow_namespace(NS)
+    wait_for(lambda: backends(discovery) == ["127.0.0.3:8125"], 15, what="the other node's pod once listed")
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::", "224.0.0.251",
+                                "ff02::1", "255.255.255.255"])
+def test_a_pod_address_that_is_our_own_listener_or_no_pod_is_skipped_with_a_log_line(
+        kube_api: KubeApiServer, discover, caplog: pytest.LogCaptureFixture, ip: str) -> None:
+    kube_api.add_pod("odd", NS, AGENT, node="node-a", ip=ip)
+    kube_api.add_pod("fine", NS, AGENT, node="node-a", ip="127.0.0.2")  # another loopback: a usable backend
+    discovery = discover(routes(DOGSTATSD, "{name: same-port-tcp, port: 8126, protocol: tcp, selector: app=dd-agent, "
+                                           "namespace: kube-system, targetPort: 8125}"))
+    assert discovery.wait_synced(10)
+    assert backends(discovery) == ["127.0.0.2:8125"]
+    odd = str(Backend(ip, 8125))  # as the log writes it: bracketed, canonical
+    said = [r.getMessage() for r in caplog.records if f"backend {odd} skipped" in r.getMessage()]
+    assert said and said[0].startswith("route dogstatsd: ")
+    if ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        assert "own listener" in said[0]
+        # The tcp route listens on 8126, not 8125: the same address over TCP is a fine backend.
+        assert odd in backends(discovery, "same-port-tcp")
+    else:
+        assert "is no pod" in said[0]
+    backends(discovery)
+    assert len([r for r in caplog.records if f"backend {odd} skipped" in r.getMessage()]) == len(said)  # said once
+
+
+def test_a_wildcard_listener_covers_every_loopback_and_the_pods_own_address(kube_api: KubeApiServer, discover,
+                                                                            tmp_path: Path) -> None:
+    for name, ip in (("loopback", "127.0.0.5"), ("me", "192.0.2.10"), ("neighbour", "192.0.2.11")):
+        kube_api.add_pod(name, NS, AGENT, node="node-a", ip=ip)
+    env = {"KUBECONFIG": kube_api.write_kubeconfig(tmp_path / "kubeconfig-pod-ip"), "POD_IP": "192.0.2.10"}
+    discovery = discover(routes(DOGSTATSD, "{name: elsewhere, port: 9125, protocol: udp, selector: app=dd-agent, "
+                                           "namespace: kube-system, targetPort: 7000}",
+                                extra="listenAddress: 0.0.0.0\n"), env=env)
+    assert discovery.wait_synced(10)
+    # 0.0.0.0:8125 takes what is sent to any loopback address and to the pod's own one.
+    assert backends(discovery) == ["192.0.2.11:8125"]
+    # Port 7000 is none of ours: every address is fine there.
+    assert backends(discovery, "elsewhere") == ["127.0.0.5:7000", "192.0.2.10:7000", "192.0.2.11:7000"]
+
+
+def test_a_pod_of_another_node_in_the_local_list_is_skipped_with_a_log_line(
+        kube_api: KubeApiServer, discover, caplog: pytest.LogCaptureFixture) -> None:
+    kube_api.ignore_field_selector = True  # a server (or a proxy) that drops the field selector
+    kube_api.add_pod("local", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("remote", NS, AGENT, node="node-b", ip="127.0.0.3")
+    discovery = discover(routes(DOGSTATSD))
+    assert discovery.wait_synced(10)
+    assert backends(discovery) == ["127.0.0.2:8125"]
+    assert any(r.getMessage() == "route dogstatsd: pod remote is on node node-b, not node-a: skipped"
+               for r in caplog.records)
+    kube_api.delete_pod(NS, "local")
+    wait_for(lambda: backends(discovery) == [], 5, what="no backend: the other node's pod is not local")

@@ -36,3 +36,29 @@ def test_connection_table_grows_with_routes_within_the_cap_and_the_open_file_lim
     assert connections(1) == 2048 and connections(3) == 3072
     assert connections(100) == MAX_CONNECTIONS
     assert connections(3, open_files=1024) == (1024 - 64) // 2
+
+
+def _routes(extra: str = "") -> str:
+    return (f"{extra}routes:\n  - {{name: logs, port: 24224, protocol: tcp, selector: app=fluentd}}\n"
+            "  - {name: metrics, port: 8125, protocol: udp, selector: app=dd-agent}\n")
+
+
+def test_default_listens_on_both_loopbacks_where_ipv6_exists_and_listen_address_overrides() -> None:
+    backends = {"logs": [Backend("10.0.0.5", 24224)], "metrics": [Backend("10.0.0.5", 8125)]}
+
+    def listens(config: str, ipv6_loopback: bool) -> list[str]:
+        text = render(load_config(config), backends, Path("/state"), ipv6_loopback=ipv6_loopback)
+        return re.findall(r"listen ([^;]+);", text)
+
+    assert listens(_routes(), True) == ["127.0.0.1:24224", "[::1]:24224",
+                                        "127.0.0.1:8125 udp rcvbuf=4m", "[::1]:8125 udp rcvbuf=4m"]
+    assert listens(_routes(), False) == ["127.0.0.1:24224", "127.0.0.1:8125 udp rcvbuf=4m"]
+    for address, host in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"), ("'::'", "[::]")):
+        assert listens(_routes(f"listenAddress: {address}\n"), True) == [f"{host}:24224",
+                                                                           f"{host}:8125 udp rcvbuf=4m"]
+
+
+def test_a_tcp_route_without_backend_has_no_listener_and_udp_keeps_its_port() -> None:
+    text = render(load_config(_routes()), {}, Path("/state"), ipv6_loopback=False)
+    assert "24224;" not in text and "upstream logs" not in text
+    assert "listen 127.0.0.1:8125 udp" in text and 'return "";' in text

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import pytest
 import urllib3
 
-from proxyctl.config import Route, load_config
+from proxyctl.config import Config, load_config
 from proxyctl.discovery import Discovery
 from proxyctl.kube import Gone, Identity, StatusError
 from proxyctl.watch import Backoff, MalformedEvent, WatchKey, _lines, event
@@ -27,8 +27,9 @@ KEY = WatchKey(NS, "app=dd-agent", "node-a")
 MakeDiscovery = Callable[..., Discovery]
 
 
-def routes(*lines: str) -> list[Route]:
-    return load_config("routes:\n" + "".join(f"  - {line}\n" for line in lines)).routes
+def routes(*lines: str, watch_timeout: float = 60.0) -> Config:
+    """A config of these routes, with `watchTimeout` in seconds."""
+    return load_config(f"watchTimeout: {watch_timeout}\nroutes:\n" + "".join(f"  - {line}\n" for line in lines))
 
 
 @pytest.fixture
@@ -36,10 +37,10 @@ def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]
     """Start a Discovery for some routes, as node-a, with the API server's kubeconfig."""
     started: list[Discovery] = []
 
-    def make(route_list: list[Route], watch_timeout: float = 60.0, env: dict[str, str] | None = None) -> Discovery:
+    def make(config: Config, env: dict[str, str] | None = None) -> Discovery:
         env = env or {"KUBECONFIG": kube_api.write_kubeconfig(tmp_path / "kubeconfig")}
-        discovery = Discovery(env, Identity("node-a", "default"), watch_timeout, lambda: None)
-        discovery.set_routes(route_list, watch_timeout)
+        discovery = Discovery(env, Identity("node-a", "default"), config.watch_timeout, lambda: None)
+        discovery.set_config(config)
         started.append(discovery)
         return discovery
 
@@ -235,18 +236,18 @@ def test_watch_restarts_never_go_down_when_a_watch_is_closed(kube_api: KubeApiSe
     wait_for(lambda: kube_api.open_watches == 1, 10, what="an open watch")
     kube_api.reset_watches()
     wait_for(lambda: discovery.restarts == 1, 10, what="a restart counted")
-    discovery.set_routes(routes(DOGSTATSD.replace("dd-agent", "other-agent")), 60.0)
+    discovery.set_config(routes(DOGSTATSD.replace("dd-agent", "other-agent")))
     assert discovery.restarts == 1
 
 
 def test_changing_only_watch_timeout_keeps_serving_and_applies_from_the_next_request(
         kube_api: KubeApiServer, discover: MakeDiscovery) -> None:
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
-    discovery = discover(routes(DOGSTATSD), watch_timeout=60.0)
+    discovery = discover(routes(DOGSTATSD, watch_timeout=60.0))
     assert discovery.wait_synced(10)
     wait_for(lambda: kube_api.open_watches == 1, 10, what="an open watch")
 
-    discovery.set_routes(routes(DOGSTATSD), 30.0)
+    discovery.set_config(routes(DOGSTATSD, watch_timeout=30.0))
     assert backends(discovery) == ["127.0.0.2:8125"]  # at once: no route is emptied meanwhile
     kube_api.reset_watches()
     wait_for(lambda: kube_api.count(watch=True) == 2, 10, what="the next watch request")

@@ -174,7 +174,9 @@ class Route(_Model):
     namespace: str | None = Field(None, description="namespace of the pods; default: the sidecar's own")
     target_port: TargetPort | None = Field(None, description="number or named container port; default: port")
     when_no_local_pod: Literal["reject", "anyNode"] = "reject"
-    balance: Literal["round_robin", "least_conn", "hash"] = "round_robin"
+    balance: Literal["round_robin", "least_conn", "hash"] = Field(
+        "round_robin", description="hash: on the client's address and port, so each client socket stays on one "
+        "backend (every client of the sidecar has the address 127.0.0.1)")
     udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
 

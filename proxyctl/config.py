@@ -36,17 +36,17 @@ from ruamel.yaml.composer import Composer
 from ruamel.yaml.events import AliasEvent
 from ruamel.yaml.scalarstring import LiteralScalarString
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from proxyctl.backend import plain_ip
 from proxyctl.selector import Selector, SelectorError, parse_selector, selector_from_mapping
 
 CONFIGMAP_KEY = "proxyctl.yaml"
 
-# Limits that bound what rejecting any input costs. Reading YAML costs about 20 ms and
-# 0.15 MB per KiB here, so a file is limited to 64 KiB (some 400 routes): a few hundred
-# milliseconds at worst. Aliases may repeat a value, so the values a file expands to are
-# counted too; and only the first errors are listed.
+# Limits that bound what rejecting any input costs. ruamel reads YAML at some 30-40 KiB/s
+# of dense input here, so a file is limited to 64 KiB (some 400 routes): a few seconds and
+# 15 MB at worst. Aliases may repeat a value, so the values a file expands to are counted
+# too; and only the first errors are listed.
 MAX_FILE_BYTES = 64 * 1024
 MAX_VALUES = 20_000
 MAX_DEPTH = 32

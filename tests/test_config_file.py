@@ -133,13 +133,16 @@ def test_validate_of_an_unreadable_file_is_a_located_line(tmp_path: Path) -> Non
     assert (result.returncode, result.stderr) == (1, f"{path}: cannot read: Permission denied\n")
 
 
+@pytest.mark.parametrize("command", ["run", "render"])
 @pytest.mark.parametrize("data, env, says", [pytest.param(*c[1:4], id=c[0]) for c in CASES
                                              if c[0] in ("not UTF-8", "routes true, with the variables",
                                                          "nested 1,000 deep", "an alias bomb")])
-def test_run_with_a_bad_file_exits_1_with_the_located_error(tmp_path: Path, data: bytes, env: dict[str, str],
-                                                           says: str) -> None:
+def test_run_and_render_with_a_bad_file_exit_1_with_the_located_error(tmp_path: Path, command: str, data: bytes,
+                                                                      env: dict[str, str], says: str) -> None:
     path = tmp_path / "proxyctl.yaml"
     path.write_bytes(data)
-    result = run("run", "--config", str(path), "--state-dir", str(tmp_path / "state"), env=env)
+    (tmp_path / "endpoints.yaml").write_text("{}\n")
+    options = ["--endpoints", str(tmp_path / "endpoints.yaml")] if command == "render" else []
+    result = run(command, "--config", str(path), "--state-dir", str(tmp_path / "state"), *options, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert any(line.startswith(str(path)) and says in line for line in result.stderr.splitlines()), result.stderr

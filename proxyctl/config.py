@@ -419,8 +419,20 @@ def _yaml() -> YAML:
 
 def parse_yaml(text: str, source: str) -> Any:
     """Round-trip load; YAML syntax errors and values beyond the limits become a located `ConfigError`."""
-    try:
+    with _located_yaml_errors(text, source):
         return _yaml().load(text)
+
+
+def _documents(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream, as `parse_yaml` reads one."""
+    with _located_yaml_errors(text, source):
+        return list(_yaml().load_all(text))
+
+
+@contextmanager
+def _located_yaml_errors(text: str, source: str) -> Iterator[None]:
+    try:
+        yield
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
@@ -429,7 +441,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except YAMLError as exc:
         raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {_cut(str(exc))}")]) from None
     except TypeError:  # ruamel cannot hash a mapping or list key that holds a mapping or list
-        line, column = _collection_key_position(_yaml().compose(text)) or (None, None)
+        positions = filter(None, map(_collection_key_position, _yaml().compose_all(text)))
+        line, column = next(positions, None) or (None, None)
         problem = Problem(source, line, column, "", "invalid YAML: a key may not be a mapping or a list")
         raise ConfigError([problem]) from None
     except (ValueError, ArithmeticError) as exc:  # a tagged value that cannot be made, e.g. `!!timestamp 2020-13-45`
@@ -457,7 +470,11 @@ def _collection_key_position(root: Node | None) -> tuple[int, int] | None:
 
 def load_config(text: str, source: str = "<config>", env_route: Mapping[str, Any] | None = None) -> Config:
     """Validate a config file's text (and the env shorthand's route, if any) into a `Config`."""
-    document = parse_yaml(text, source) if text.strip() else CommentedMap()
+    return _validate(parse_yaml(text, source) if text.strip() else None, source, env_route)
+
+
+def _validate(document: Any, source: str, env_route: Mapping[str, Any] | None = None) -> Config:
+    """`load_config` of a document already read (None for an empty file)."""
     if document is None:
         document = CommentedMap()
     if not isinstance(document, Mapping):
@@ -610,14 +627,9 @@ def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
         return config
 
 
-def _manifests(text: str) -> list[Any] | None:
-    """The Kubernetes objects (documents with apiVersion and kind) in `text`; None when it has none."""
-    try:
-        documents = list(_yaml().load_all(text))
-    except Exception:  # noqa: BLE001 - whatever it is, load_config reports it with its location
-        return None
-    manifests = [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
-    return manifests or None
+def _manifests(documents: list[Any]) -> list[Any]:
+    """The Kubernetes objects among `documents`: those with apiVersion and kind."""
+    return [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
 
 
 def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
@@ -629,8 +641,11 @@ def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
 
 def holds_config(text: str) -> bool:
     """Whether `validate` has anything to check: a config file, or a manifest holding one."""
-    manifests = _manifests(text)
-    return manifests is None or any(_looks_like_ours(m) for m in manifests)
+    try:
+        manifests = _manifests(_documents(text, ""))
+    except ConfigError:
+        return True  # a config file, with errors
+    return not manifests or any(_looks_like_ours(m) for m in manifests)
 
 
 def check_file(text: str, source: str) -> list[Problem]:
@@ -647,10 +662,13 @@ def check_file(text: str, source: str) -> list[Problem]:
 
 
 def _check_file(text: str, source: str) -> list[Problem]:
-    manifests = _manifests(text)
-    if manifests is None:
+    documents = _documents(text, source)  # read once: the costly part
+    manifests = _manifests(documents)
+    if not manifests:  # a config file
         try:
-            load_config(text, source)
+            if len(documents) > 1:
+                load_config(text, source)  # for the located error of a second document
+            _validate(documents[0] if documents else None, source)
         except ConfigError as exc:
             return exc.problems
         return []

@@ -12,7 +12,7 @@ from typing import Sequence
 from ruamel.yaml import YAML
 
 from proxyctl.backend import parse_endpoints
-from proxyctl.config import Config, ConfigError, check_file, holds_config, read_config
+from proxyctl.config import Config, ConfigError, check_file, holds_config, read_config, read_text
 
 DEFAULT_CONFIG = "/etc/proxyctl/proxyctl.yaml"
 DEFAULT_STATE_DIR = "/var/run/proxyctl"
@@ -38,12 +38,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in args.paths:
         path = Path(name)
         try:
-            text = path.read_text(encoding="utf-8")
-            problems = check_file(text, name)
-        except OSError as exc:
-            print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+            text = read_text(path, name)
+        except ConfigError as exc:  # unreadable, too large, not UTF-8
+            print(exc, file=sys.stderr)
             failed = True
             continue
+        problems = check_file(text, name)
         for problem in problems:
             print(problem, file=sys.stderr)
         failed |= bool(problems)

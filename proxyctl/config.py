@@ -3,14 +3,19 @@
 `load_config` is a pure function from text to `Config`; it raises `ConfigError` carrying
 *all* problems, each as `FILE:LINE:COL: routes[i].field: message`, so one CI run shows
 everything wrong with a ConfigMap instead of one mistake per push.
+
+A ConfigMap is shared by every pod that mounts it, so no input may cost more than a small
+bounded amount of time and memory to reject, nor end in anything but a `ConfigError`.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping
 
 from pydantic import (
     BaseModel,
@@ -27,6 +32,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer
+from ruamel.yaml.events import AliasEvent
 from ruamel.yaml.scalarstring import LiteralScalarString
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
@@ -35,6 +42,16 @@ from proxyctl.backend import plain_ip
 from proxyctl.selector import Selector, SelectorError, parse_selector, selector_from_mapping
 
 CONFIGMAP_KEY = "proxyctl.yaml"
+
+# Limits that bound what rejecting any input costs. ruamel reads YAML at some 30-40 KiB/s
+# of dense input here, so a file is limited to 64 KiB (some 400 routes): a few seconds and
+# 15 MB at worst. Aliases may repeat a value, so the values a file expands to are counted
+# too; and only the first errors are listed.
+MAX_FILE_BYTES = 64 * 1024
+MAX_VALUES = 20_000
+MAX_DEPTH = 32
+MAX_NUMBER_LENGTH = 100  # digits of an integer: far beyond any port, and below Python's 4300
+MAX_PROBLEMS = 20
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -157,7 +174,9 @@ class Route(_Model):
     namespace: str | None = Field(None, description="namespace of the pods; default: the sidecar's own")
     target_port: TargetPort | None = Field(None, description="number or named container port; default: port")
     when_no_local_pod: Literal["reject", "anyNode"] = "reject"
-    balance: Literal["round_robin", "least_conn", "hash"] = "round_robin"
+    balance: Literal["round_robin", "least_conn", "hash"] = Field(
+        "round_robin", description="hash: on the client's address and port, so each client socket stays on one "
+        "backend (every client of the sidecar has the address 127.0.0.1)")
     udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
 
@@ -234,11 +253,40 @@ class Problem:
 
 
 class ConfigError(Exception):
-    """Every problem found in a config; the message lists them one per line."""
+    """Every problem found in a config (the first `MAX_PROBLEMS` of them); the message lists them one per line."""
 
     def __init__(self, problems: Iterable[Problem]) -> None:
-        self.problems = list(problems)
+        self.problems = first_problems(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def first_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """At most `MAX_PROBLEMS` problems, then one that says how many more there are."""
+    problems = list(problems)
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [*problems[:MAX_PROBLEMS], Problem(problems[0].source, None, None, "", f"and {more} more errors")]
+
+
+def _show(value: Any, depth: int = 0) -> str:
+    """A short `repr`: never built from the whole of a huge value (aliases can make one from a few bytes)."""
+    if isinstance(value, Mapping) or isinstance(value, list):
+        if depth >= 2:
+            return "{...}" if isinstance(value, Mapping) else "[...]"
+        items = value.items() if isinstance(value, Mapping) else ((None, v) for v in value)
+        shown = [(f"{_show(k, depth + 1)}: " if k is not None else "") + _show(v, depth + 1)
+                 for k, v in islice(items, 3)]
+        more = ", ..." if len(value) > 3 else ""
+        opening, closing = ("{", "}") if isinstance(value, Mapping) else ("[", "]")
+        return f"{opening}{', '.join(shown)}{more}{closing}"
+    if isinstance(value, int) and value.bit_length() > 64:  # str() of a huge one is slow, or refused
+        return f"a number of about {value.bit_length() * 30103 // 100000 + 1} digits"
+    return _cut(repr(value), 60)
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_path(loc: Iterable[str | int]) -> str:
@@ -281,12 +329,12 @@ def _message(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required"
     if kind == "literal_error":
-        return f"must be {error['ctx']['expected']}, got {value!r}"
-    message = error["msg"].removeprefix("Value error, ")
+        return f"must be {error['ctx']['expected']}, got {_show(value)}"
+    message = _cut(error["msg"].removeprefix("Value error, "))
     message = message[0].lower() + message[1:]
     if kind in ("int_type", "string_type", "list_type", "model_type", "dict_type", "greater_than_equal",
                 "less_than_equal", "too_short"):
-        message += f", got {value!r}"
+        message += f", got {_show(value)}"
     return message
 
 
@@ -318,20 +366,88 @@ def _walk(document: Any, loc: tuple[str | int, ...]) -> Any:
     return node
 
 
+class _TooCostly(MarkedYAMLError):
+    """YAML that is valid but beyond a limit: it would cost too much to check."""
+
+
+class _BoundedComposer(Composer):
+    """ruamel's composer, refusing nesting beyond `MAX_DEPTH`, more than `MAX_VALUES` values
+    once aliases are expanded, an alias inside the value it names, and huge integers."""
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader)
+        self.values = 0
+        self.sizes: dict[int, int] = {}  # id of an anchored node -> the values it expands to
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
+        if isinstance(event, AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self.sizes:
+                raise _TooCostly(None, None, f"the alias *{event.anchor} is inside the value it names",
+                                 event.start_mark)
+            self._count(self.sizes.get(id(node), 0), event)
+            return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise _TooCostly(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        start = self.values
+        self._count(1, event)
+        node = super().compose_node(parent, index)
+        if event.anchor is not None:
+            self.sizes[id(node)] = self.values - start
+        return node
+
+    def compose_scalar_node(self, anchor: Any) -> Any:
+        node = super().compose_scalar_node(anchor)
+        if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_NUMBER_LENGTH:
+            raise _TooCostly(None, None, f"a number of {len(node.value)} characters: at most "
+                             f"{MAX_NUMBER_LENGTH} are read", node.start_mark)
+        return node
+
+    def _count(self, values: int, event: Any) -> None:
+        self.values += values
+        if self.values > MAX_VALUES:
+            raise _TooCostly(None, None, f"more than {MAX_VALUES} values (counting each alias as the value "
+                             "it repeats)", event.start_mark)
+
+
+def _yaml() -> YAML:
+    """A round-trip loader (it keeps line/column marks) whose cost is bounded."""
+    yaml = YAML(typ="rt")
+    yaml.Composer = _BoundedComposer
+    return yaml
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """Round-trip load (keeps line/column marks); YAML syntax errors become a located `ConfigError`."""
+    """Round-trip load; YAML syntax errors and values beyond the limits become a located `ConfigError`."""
+    with _located_yaml_errors(text, source):
+        return _yaml().load(text)
+
+
+def _documents(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream, as `parse_yaml` reads one."""
+    with _located_yaml_errors(text, source):
+        return list(_yaml().load_all(text))
+
+
+@contextmanager
+def _located_yaml_errors(text: str, source: str) -> Iterator[None]:
     try:
-        return YAML(typ="rt").load(text)
+        yield
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError([Problem(source, line, column, "", f"invalid YAML: {exc.problem or exc.context}")]) from None
+        prefix = "" if isinstance(exc, _TooCostly) else "invalid YAML: "
+        raise ConfigError([Problem(source, line, column, "", prefix + _cut(str(exc.problem or exc.context)))]) from None
     except YAMLError as exc:
-        raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {exc}")]) from None
+        raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {_cut(str(exc))}")]) from None
     except TypeError:  # ruamel cannot hash a mapping or list key that holds a mapping or list
-        line, column = _collection_key_position(YAML(typ="rt").compose(text)) or (None, None)
+        positions = filter(None, map(_collection_key_position, _yaml().compose_all(text)))
+        line, column = next(positions, None) or (None, None)
         problem = Problem(source, line, column, "", "invalid YAML: a key may not be a mapping or a list")
         raise ConfigError([problem]) from None
+    except (ValueError, ArithmeticError) as exc:  # a tagged value that cannot be made, e.g. `!!timestamp 2020-13-45`
+        raise ConfigError([Problem(source, None, None, "", f"invalid YAML value: {_cut(str(exc))}")]) from None
 
 
 def _collection_key_position(root: Node | None) -> tuple[int, int] | None:
@@ -355,20 +471,27 @@ def _collection_key_position(root: Node | None) -> tuple[int, int] | None:
 
 def load_config(text: str, source: str = "<config>", env_route: Mapping[str, Any] | None = None) -> Config:
     """Validate a config file's text (and the env shorthand's route, if any) into a `Config`."""
-    document = parse_yaml(text, source) if text.strip() else CommentedMap()
+    return _validate(parse_yaml(text, source) if text.strip() else None, source, env_route)
+
+
+def _validate(document: Any, source: str, env_route: Mapping[str, Any] | None = None) -> Config:
+    """`load_config` of a document already read (None for an empty file)."""
     if document is None:
         document = CommentedMap()
     if not isinstance(document, Mapping):
         raise ConfigError([Problem(source, 1, 1, "", "must be a mapping with a 'routes' list")])
     data = dict(document)
     problems: list[Problem] = []
+    env_index = None
     if env_route is not None:
         problems += _check_env_route(env_route)
-        data["routes"] = [*(data.get("routes") or []), dict(env_route)]
+        routes = data.get("routes")
+        if routes is None or isinstance(routes, list):  # else `routes` is wrong, and said so below
+            data["routes"] = [*(routes or []), dict(env_route)]
+            env_index = len(data["routes"]) - 1
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        env_index = len(data["routes"]) - 1 if env_route is not None else None
         problems += [p for p in _problems_from_validation(exc, document, source) if not _is_env(p, env_index)]
         raise ConfigError(problems) from None
     if problems:
@@ -428,7 +551,7 @@ def route_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
 
 
 def _env_int(value: str) -> int | str:
-    return int(value) if value.strip().isdigit() else value
+    return int(value) if re.fullmatch(r"\s*[0-9]{1,9}\s*", value) else value
 
 
 def _check_env_route(route: Mapping[str, Any]) -> list[Problem]:
@@ -449,28 +572,65 @@ def log_level_from_env(value: str) -> str | None:
 # --- reading sources (the I/O edge) -------------------------------------------------------
 
 
-def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
-    """The running config: the file (if it exists), plus the env shorthand's route and LOG_LEVEL."""
-    text = path.read_text(encoding="utf-8") if path is not None and path.exists() else ""
-    env_route = route_from_env(env)
-    if not text.strip() and env_route is None:
-        where = str(path) if path is not None else ENV_SOURCE
-        raise ConfigError([Problem(where, None, None, "", "no config file and no PORT/SELECTOR variables: nothing to route")])
-    config = load_config(text, str(path), env_route)
-    level = log_level_from_env(env.get("LOG_LEVEL", ""))
-    if level and "log_level" not in config.model_fields_set:  # the file's logLevel wins
-        config = config.model_copy(update={"log_level": level})
-    return config
-
-
-def _manifests(text: str) -> list[Any] | None:
-    """The Kubernetes objects (documents with apiVersion and kind) in `text`; None when it has none."""
+@contextmanager
+def _only_config_errors(source: str) -> Iterator[None]:
+    """Turn a failure of the checks themselves into a `ConfigError`: no input may stop the sidecar."""
     try:
-        documents = list(YAML(typ="rt").load_all(text))
-    except (YAMLError, TypeError):  # TypeError: see parse_yaml
-        return None  # load_config reports the syntax error with its location
-    manifests = [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
-    return manifests or None
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a defect in proxyctl, reported as such, not a crash
+        message = f"cannot be checked, a defect in proxyctl: {type(exc).__name__}: {_cut(str(exc))}"
+        raise ConfigError([Problem(source, None, None, "", message)]) from exc
+
+
+def read_text(path: Path, source: str | None = None, missing_ok: bool = False) -> str:
+    """A config file's text ("" for a missing one when `missing_ok`); a `ConfigError` when it cannot
+    be read, is too large or is not UTF-8."""
+    source = source or str(path)
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return ""
+        raise ConfigError([Problem(source, None, None, "", f"cannot read: {exc.strerror}")]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(source, None, None, "", f"cannot read: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        message = f"larger than {MAX_FILE_BYTES // 1024} KiB: not read (a config of 400 routes is smaller)"
+        raise ConfigError([Problem(source, None, None, "", message)])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8", errors="replace")) + 1
+        message = f"not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be decoded"
+        raise ConfigError([Problem(source, line, column, "", message)]) from None
+
+
+def read_config(path: Path | None, env: Mapping[str, str]) -> Config:
+    """The running config: the file (if it exists), plus the env shorthand's route and LOG_LEVEL.
+
+    Raises only `ConfigError`, whatever the file or the variables hold.
+    """
+    where = str(path) if path is not None else ENV_SOURCE
+    with _only_config_errors(where):
+        text = read_text(path, missing_ok=True) if path is not None else ""  # the variables may do without
+        env_route = route_from_env(env)
+        if not text.strip() and env_route is None:
+            raise ConfigError([Problem(where, None, None, "", "no config file and no PORT/SELECTOR variables: nothing to route")])
+        config = load_config(text, where, env_route)
+        level = log_level_from_env(env.get("LOG_LEVEL", ""))
+        if level and "log_level" not in config.model_fields_set:  # the file's logLevel wins
+            config = config.model_copy(update={"log_level": level})
+        return config
+
+
+def _manifests(documents: list[Any]) -> list[Any]:
+    """The Kubernetes objects among `documents`: those with apiVersion and kind."""
+    return [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
 
 
 def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
@@ -482,20 +642,34 @@ def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
 
 def holds_config(text: str) -> bool:
     """Whether `validate` has anything to check: a config file, or a manifest holding one."""
-    manifests = _manifests(text)
-    return manifests is None or any(_looks_like_ours(m) for m in manifests)
+    try:
+        manifests = _manifests(_documents(text, ""))
+    except ConfigError:
+        return True  # a config file, with errors
+    return not manifests or any(_looks_like_ours(m) for m in manifests)
 
 
 def check_file(text: str, source: str) -> list[Problem]:
     """Problems of a config file, or of the ConfigMaps holding `proxyctl.yaml` among manifests.
 
     Other manifests (Deployments, unrelated ConfigMaps) are passed over, so that CI can run
-    `proxyctl validate k8s/*.yaml` on a whole directory.
+    `proxyctl validate k8s/*.yaml` on a whole directory. Raises nothing, whatever `text` holds.
     """
-    manifests = _manifests(text)
-    if manifests is None:
+    try:
+        with _only_config_errors(source):
+            return first_problems(_check_file(text, source))
+    except ConfigError as exc:
+        return exc.problems
+
+
+def _check_file(text: str, source: str) -> list[Problem]:
+    documents = _documents(text, source)  # read once: the costly part
+    manifests = _manifests(documents)
+    if not manifests:  # a config file
         try:
-            load_config(text, source)
+            if len(documents) > 1:
+                load_config(text, source)  # for the located error of a second document
+            _validate(documents[0] if documents else None, source)
         except ConfigError as exc:
             return exc.problems
         return []

@@ -180,7 +180,7 @@ def selector_from_mapping(data: Mapping[str, Any]) -> Selector:
     if not isinstance(expressions, list):
         raise SelectorError("matchExpressions: must be a list")
     requirements = [
-        Requirement(check_label_key(str(k)), "=", (check_label_value(_scalar(v)),)) for k, v in labels.items()
+        Requirement(check_label_key(str(k)), "=", (_label_value(f"matchLabels.{k}", v),)) for k, v in labels.items()
     ]
     for i, expr in enumerate(expressions):
         where = f"matchExpressions[{i}]"
@@ -192,14 +192,18 @@ def selector_from_mapping(data: Mapping[str, Any]) -> Selector:
         raw_values = expr.get("values") or []
         if not isinstance(raw_values, list):
             raise SelectorError(f"{where}.values: must be a list")
-        values = tuple(sorted({check_label_value(_scalar(v)) for v in raw_values}))
+        values = tuple(sorted({_label_value(f"{where}.values", v) for v in raw_values}))
         if (operator in ("in", "notin")) != bool(values):
             raise SelectorError(f"{where}.values: required for In/NotIn, forbidden for Exists/DoesNotExist")
         requirements.append(Requirement(check_label_key(str(expr.get("key", ""))), operator, values))
     return _make(requirements)
 
 
-def _scalar(value: Any) -> str:
-    if not isinstance(value, (str, int, float, bool)):
-        raise SelectorError(f"label value {value!r}: must be a string")
-    return str(value)
+def _label_value(where: str, value: Any) -> str:
+    """Only a string: Kubernetes rejects YAML's `true`, `1.10` or `010`, which would never match as text."""
+    if isinstance(value, str):
+        return check_label_value(value)
+    if not isinstance(value, (bool, int, float, type(None))):
+        raise SelectorError(f"{where}: must be a string, got a list or mapping")
+    kind = "a boolean" if isinstance(value, bool) else "null" if value is None else "a number"
+    raise SelectorError(f"{where}: must be a string: YAML reads this unquoted value as {kind}, quote it")

@@ -30,11 +30,11 @@ class ConfigMapDir:
         path.mkdir(parents=True, exist_ok=True)
         self.file = path / "proxyctl.yaml"
 
-    def write(self, text: str) -> None:
+    def write(self, text: str | bytes) -> None:
         old = (self.path / "..data").resolve() if (self.path / "..data").exists() else None
         fresh = self.path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
         fresh.mkdir()
-        (fresh / "proxyctl.yaml").write_text(text)
+        (fresh / "proxyctl.yaml").write_bytes(text.encode() if isinstance(text, str) else text)
         (self.path / "..data_tmp").symlink_to(fresh.name)
         os.rename(self.path / "..data_tmp", self.path / "..data")
         if not self.file.is_symlink():

@@ -146,3 +146,20 @@ def test_hostile_values_are_rejected_before_they_reach_nginx() -> None:
 def test_committed_schema_matches_the_models() -> None:
     committed = json.loads((ROOT / "schema" / "proxyctl.schema.json").read_text())
     assert committed == schema(), "schema/ drifted: run `proxyctl schema > schema/proxyctl.schema.json`"
+
+
+@pytest.mark.parametrize("value, kind", [("true", "a boolean"), ("1.10", "a number"), ("010", "a number"),
+                                         ("", "null"), ("[a]", "list or mapping")])
+def test_label_values_that_yaml_reads_as_other_than_text_are_located_errors(value: str, kind: str) -> None:
+    """Kubernetes rejects them; coerced to 'True' or '1.1' they would match no pod."""
+    for selector, where in [(f"{{matchLabels: {{version: {value}}}}}", "matchLabels.version"),
+                            (f"{{matchExpressions: [{{key: version, operator: In, values: [{value or '~'}]}}]}}",
+                             "matchExpressions[0].values")]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(f"routes:\n  - port: 8125\n    protocol: udp\n    selector: {selector}\n", "c.yaml")
+        [problem] = caught.value.problems
+        assert str(problem).startswith(f"c.yaml:4:15: routes[0].selector: {where}: must be a string"), problem
+        assert kind in problem.message, problem
+    if kind != "list or mapping":  # quoted, it is the text it looks like
+        quoted = load_config(f"routes: [{{port: 8125, protocol: udp, selector: {{matchLabels: {{v: '{value}'}}}}}}]")
+        assert quoted.routes[0].selector.requirements[0].values == (value,)

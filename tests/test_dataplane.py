@@ -116,3 +116,23 @@ def test_default_config_takes_datagrams_sent_to_ipv6_loopback(run_nginx, udp_sin
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.sendto(b"v4.hits:1|c", ("127.0.0.1", port))
     wait_for(lambda: sorted(sink.received) == [b"v4.hits:1|c", b"v6.hits:1|c"], 5, what="both datagrams")
+
+
+def test_hash_keeps_each_client_socket_on_one_backend_and_spreads_the_sockets(run_nginx, udp_sinks) -> None:
+    """Every client of the sidecar is 127.0.0.1: hashing the address alone would send all of
+    them to one backend. The address and port keep a socket's datagrams together instead."""
+    port = free_port()
+    a, b = udp_sinks("127.0.0.2", port), udp_sinks("127.0.0.3", port)
+    config = load_config(f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, selector: app=a, "
+                         f"balance: hash}}\n")
+    run_nginx(config, {"statsd": [Backend("127.0.0.2", port), Backend("127.0.0.3", port)]})
+
+    for client_number in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for i in range(3):
+                client.sendto(f"client{client_number}:{i}|c".encode(), ("127.0.0.1", port))
+            wait_for(lambda: len(a.received) + len(b.received) == 3 * (client_number + 1), 5,
+                     what=f"client {client_number}'s datagrams")
+    for sink in (a, b):
+        clients = {datagram.split(b":")[0] for datagram in sink.received}
+        assert clients and len(sink.received) == 3 * len(clients), sink.received  # whole sockets only

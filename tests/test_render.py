@@ -23,7 +23,7 @@ def test_route_options_become_nginx_directives() -> None:
     traces = text[text.index("upstream traces"):]
     assert "least_conn;" in logs and "server [fd00::5]:24224;" in logs
     assert "listen [::1]:24224;" in logs and "proxy_timeout 3600000ms;" in logs
-    assert "hash $remote_addr consistent;" in traces and "listen [::1]:6831 udp rcvbuf=4m;" in traces
+    assert "hash $remote_addr$remote_port consistent;" in traces and "listen [::1]:6831 udp rcvbuf=4m;" in traces
     assert "proxy_responses 1;" in traces and "proxy_timeout 500ms;" in traces
 
 

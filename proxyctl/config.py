@@ -160,6 +160,8 @@ class Route(_Model):
     balance: Literal["round_robin", "least_conn", "hash"] = "round_robin"
     udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
+    drain_timeout: Duration = Field(30.0, description="after a change of this route, connections its old nginx "
+                                                      "worker still holds are closed within this; default 30s")
 
     @field_validator("name", "namespace")
     @classmethod

@@ -119,6 +119,7 @@ class DataPlane:
         for route in [r for r in self.instances if r not in wanted]:
             self._remove(route)
         failures: dict[str, str] = {}
+        launched: list[tuple[str, Instance]] = []
         for route, want in wanted.items():
             instance = self.instances.get(route) or self._add(route)
             instance.wanted = want
@@ -128,8 +129,19 @@ class DataPlane:
             if instance.due > time.monotonic() or instance.restart_at is not None:
                 continue
             try:
-                self._bring(route, instance)
+                if instance.nginx.running:
+                    self._reload(route, instance)
+                else:
+                    instance.nginx.write(want.text)
+                    self._launch(instance)
+                    launched.append((route, instance))
             except (NginxError, OSError) as exc:
+                failures[route] = self._failed(route, instance, exc)
+        for route, instance in launched:  # started side by side: start-up waits for the slowest, not the sum
+            try:
+                self._await_start(instance)
+                self._served(instance)
+            except NginxError as exc:
                 failures[route] = self._failed(route, instance, exc)
         return failures
 
@@ -146,30 +158,36 @@ class DataPlane:
         self.retiring.append((instance.nginx, time.monotonic() + drain))
         log.info("route %s removed: its nginx stops accepting and drains for up to %gs", route, drain)
 
-    def _bring(self, route: str, instance: Instance) -> None:
-        """Serve `instance.wanted`: a reload when nginx runs, else a start."""
+    def _reload(self, route: str, instance: Instance) -> None:
+        """Test, write and reload `instance.wanted`, unless its reload rate says later."""
         assert instance.wanted is not None
         nginx = instance.nginx
-        if nginx.running and not instance.may_reload(time.monotonic()):
+        if not instance.may_reload(time.monotonic()):
             return  # coalesced into the next reload
         nginx.test(instance.wanted.text)
         nginx.write(instance.wanted.text)
-        if nginx.running:
-            nginx.reload(RELOAD_TIMEOUT)
-            self.reloads += 1
-            log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
-            self._limit_draining(nginx)
-        else:
-            self._start(instance)
+        nginx.reload(RELOAD_TIMEOUT)
+        self.reloads += 1
+        log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
+        self._limit_draining(nginx)
+        self._served(instance)
+
+    @staticmethod
+    def _served(instance: Instance) -> None:
         instance.served, instance.failure, instance.attempts, instance.due = instance.wanted, "", 0, 0.0
 
-    def _start(self, instance: Instance) -> None:
-        nginx = instance.nginx
-        nginx.kill_leftovers()
+    @staticmethod
+    def _launch(instance: Instance) -> None:
+        """Start nginx on the config written; a start checks the config as `nginx -t` would."""
+        instance.nginx.kill_leftovers()
+        instance.nginx.launch()
+
+    @staticmethod
+    def _await_start(instance: Instance) -> None:
         try:
-            nginx.start(START_TIMEOUT)
+            instance.nginx.await_start(START_TIMEOUT)
         except NginxError:
-            nginx.stop(grace=0)
+            instance.nginx.stop(grace=0)
             raise
         instance.started_at = time.monotonic()
 
@@ -217,7 +235,8 @@ class DataPlane:
                 continue
             try:
                 instance.nginx.write(instance.served.text)
-                self._start(instance)
+                self._launch(instance)
+                self._await_start(instance)
                 instance.restart_at = None
                 instance.due = 0.0  # then a change that came meanwhile is applied at once
                 log.info("route %s: nginx started again", route)

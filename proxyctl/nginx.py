@@ -72,6 +72,7 @@ class Nginx:
         self.worker: int | None = None  # pid of the worker the latest config runs in
         self._changed = threading.Condition()
         self._workers_started = 0
+        self._started_before = 0  # _workers_started when the master was launched
         self._errors: list[str] = []
         self._bind_error = ""  # nginx tries a busy port 5 times in 2 s: only its giving up is an error
 
@@ -98,8 +99,13 @@ class Nginx:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the master (daemon off) and wait until its first worker runs."""
+        self.launch()
+        self.await_start(timeout)
+
+    def launch(self) -> None:
+        """Start the master and return at once: several nginx start side by side, see `await_start`."""
         self._errors.clear()
-        started = self._workers_started
+        self._started_before = self._workers_started
         reader, writer = os.pipe()
         os.set_blocking(writer, False)  # nginx drops a log line rather than wait for us
         try:
@@ -112,6 +118,10 @@ class Nginx:
             os.close(writer)
         threading.Thread(target=self._follow_log, args=(reader,), name="nginx-log", daemon=True).start()
         threading.Thread(target=self._await_exit, args=(self.process,), name="nginx-exit", daemon=True).start()
+
+    def await_start(self, timeout: float) -> None:
+        """Wait until the master `launch` started runs its first worker; NginxError when it does not."""
+        started = self._started_before
         self._wait(lambda: self._workers_started > started, timeout)
         if self._workers_started == started:
             raise NginxError(f"nginx did not start: {self._errors[0] if self._errors else 'no worker started'}")

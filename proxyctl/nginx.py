@@ -82,7 +82,7 @@ class Nginx:
     def test(self, text: str) -> None:
         """`nginx -t` on `text`; raises NginxError with nginx's message when it is rejected."""
         candidate = self.state_dir / "nginx.conf.candidate"
-        candidate.write_text(text, encoding="utf-8")
+        _write(candidate, text)
         result = subprocess.run([*self._args(candidate), "-t", "-q"], capture_output=True, text=True)
         if result.returncode != 0:
             raise NginxError(f"nginx -t: {_first_error(result.stderr) or f'exited {result.returncode}'}")
@@ -90,7 +90,7 @@ class Nginx:
     def write(self, text: str) -> None:
         """Replace nginx.conf atomically, so nginx never reads half a file."""
         temporary = self.state_dir / "nginx.conf.tmp"
-        temporary.write_text(text, encoding="utf-8")
+        _write(temporary, text)
         os.replace(temporary, self.conf)
 
     @property
@@ -211,6 +211,14 @@ class Nginx:
         self.kill_leftovers()  # orphaned or stuck workers too, not only a master past its grace
         self.process.wait()
         return self.process.returncode
+
+
+def _write(path: Path, text: str) -> None:
+    """Write `path`; an OSError names the file even when writing, not opening, failed (a full disk)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def end_stale(state_dir: Path) -> bool:

@@ -151,6 +151,9 @@ class Sidecar:
         server = health.serve(self.config.health, self.status)
         try:
             return self._serve()
+        except Exception as exc:  # noqa: BLE001 - before the loop runs: nothing serves yet, so say it and exit
+            log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return 1
         finally:
             self.discovery.stop()
             self.dataplane.stop(STOP_GRACE if self.stopping.is_set() else 0.0)

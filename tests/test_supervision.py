@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import shlex
 import signal
 import socket
-import threading
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -293,3 +295,151 @@ stream {{
     finally:
         logger.removeHandler(handler)
         nginx.stop(grace=1)
+
+
+class TinyStateDir(Proxyctl):
+    """`proxyctl run` whose state dir is a tmpfs of 256 KiB in a mount namespace of its own."""
+
+    fill_first = False
+
+    def command(self) -> list[str]:
+        state = shlex.quote(str(self.state_dir))
+        fill = f"dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null; " if self.fill_first else ""
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f"mkdir -p {state} && mount -t tmpfs -o size=256k tmpfs {state} && {fill}"
+                f"exec {' '.join(shlex.quote(a) for a in super().command())}"]
+
+    def inside(self, command: str) -> subprocess.CompletedProcess[str]:
+        """Run a shell command in the sidecar's mount namespace, where its tmpfs is."""
+        assert self.process is not None
+        return subprocess.run(["nsenter", "-t", str(self.process.pid), "-m", "sh", "-c", command],
+                              capture_output=True, text=True, timeout=30)
+
+    def fill(self) -> None:
+        result = self.inside(f"dd if=/dev/zero of={shlex.quote(str(self.state_dir))}/filler bs=4k")
+        assert "No space left on device" in result.stderr, result
+
+    def make_room(self) -> None:
+        assert self.inside(f"rm {shlex.quote(str(self.state_dir))}/filler").returncode == 0
+
+
+def _mount_namespace_problem() -> str | None:
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else probe.stderr.strip() or f"exit {probe.returncode}"
+
+
+def test_a_full_state_dir_keeps_the_last_good_config_serving_and_retries_until_there_is_room(
+        kube_api: KubeApiServer, tmp_path: Path, udp_sinks, again) -> None:
+    problem = _mount_namespace_problem()
+    if problem:
+        pytest.skip(f"no private tmpfs here: {problem}")
+    port = free_port()
+    old, new = udp_sinks("127.0.0.2", port), udp_sinks("127.0.0.3", port)
+    kube_api.add_pod("agent-old", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = TinyStateDir(tmp_path / "p", kube_api, f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, "
+                                                     f"selector: app=agent, namespace: {NS}}}\n")
+    again.append(sidecar)
+    sidecar.start()
+    sidecar.fill()
+    kube_api.add_pod("agent-new", NS, AGENT, node="node-a", ip="127.0.0.3")
+    kube_api.delete_pod(NS, "agent-old")
+
+    said = f"{sidecar.state_dir}/routes/statsd/nginx.conf.candidate: No space left on device"
+    wait_for(lambda: said in sidecar.log(), 10, what="the full disk, located, in the log")
+    code, body = sidecar.get("/readyz")
+    assert code == 503 and said in body, body
+    send(port, b"meanwhile:1|c")
+    wait_for(lambda: b"meanwhile:1|c" in old.received, 5, what="the last good config still forwarding")
+    assert sidecar.process.poll() is None and "Traceback" not in sidecar.log()
+
+    sidecar.make_room()
+
+    def converged() -> bool:
+        send(port, b"after:1|c")
+        return b"after:1|c" in new.received and sidecar.get("/readyz")[0] == 200
+
+    wait_for(converged, 10, interval=0.05, what="the change applied once there is room")
+
+
+def test_a_full_state_dir_at_start_up_is_one_clear_line_and_exit_1(kube_api: KubeApiServer, tmp_path: Path,
+                                                                   again) -> None:
+    problem = _mount_namespace_problem()
+    if problem:
+        pytest.skip(f"no private tmpfs here: {problem}")
+    sidecar = TinyStateDir(tmp_path / "p", kube_api, routes(free_port()))
+    sidecar.fill_first = True
+    again.append(sidecar)
+    sidecar.start(wait_ready=False)
+    assert sidecar.process.wait(10) == 1
+    lines = sidecar.log().splitlines()
+    assert len(lines) == 1 and f"cannot write state dir {sidecar.state_dir}: " in lines[0] \
+        and "No space left on device" in lines[0], lines
+
+
+def test_out_of_file_descriptors_keeps_the_last_good_config_serving_and_recovers(kube_api: KubeApiServer, proxyctl,
+                                                                                udp_sinks) -> None:
+    port = free_port()
+    old, new = udp_sinks("127.0.0.2", port), udp_sinks("127.0.0.3", port)
+    kube_api.add_pod("agent-old", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, selector: app=agent, "
+                       f"namespace: {NS}}}\n")
+    pid = sidecar.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+    try:
+        kube_api.add_pod("agent-new", NS, AGENT, node="node-a", ip="127.0.0.3")
+        kube_api.delete_pod(NS, "agent-old")
+        wait_for(lambda: "Too many open files" in sidecar.log(), 10, what="EMFILE in the log")
+        send(port, b"meanwhile:1|c")
+        wait_for(lambda: b"meanwhile:1|c" in old.received, 5, what="the last good config still forwarding")
+        assert sidecar.process.poll() is None
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+
+    def converged() -> bool:
+        send(port, b"after:1|c")
+        return b"after:1|c" in new.received and sidecar.get("/readyz")[0] == 200
+
+    wait_for(converged, 10, interval=0.05, what="the change applied once files can be opened")
+    assert "Traceback" not in sidecar.log()
+
+
+class WithTemplate(Proxyctl):
+    template: Path
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--template", str(self.template)]
+
+
+def test_an_unexpected_error_in_one_pass_of_the_loop_is_logged_and_the_loop_goes_on(
+        kube_api: KubeApiServer, tmp_path: Path, udp_sinks, again) -> None:
+    """A --template that fails when a route has two backends: an error no check before it catches."""
+    from proxyctl.render import default_template
+
+    port = free_port()
+    sinks = {host: udp_sinks(host, port) for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
+    template = tmp_path / "nginx.conf.j2"
+    template.write_text("{% for backends in endpoints.values() if backends|length > 1 %}{{ no_such_value }}"
+                        "{% endfor %}" + default_template().read_text())
+    kube_api.add_pod("agent-a", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = WithTemplate(tmp_path / "p", kube_api, f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, "
+                                                     f"selector: app=agent, namespace: {NS}}}\n")
+    sidecar.template = template
+    again.append(sidecar)
+    sidecar.start()
+
+    kube_api.add_pod("agent-b", NS, AGENT, node="node-a", ip="127.0.0.3")
+    wait_for(lambda: "unexpected error, carrying on: UndefinedError: 'no_such_value' is undefined" in sidecar.log(),
+             10, what="the error logged")
+    assert "Traceback" not in sidecar.log()
+    kube_api.delete_pod(NS, "agent-a")
+    kube_api.delete_pod(NS, "agent-b")
+    kube_api.add_pod("agent-c", NS, AGENT, node="node-a", ip="127.0.0.4")
+
+    def moved() -> bool:
+        send(port, b"later:1|c")
+        return b"later:1|c" in sinks["127.0.0.4"].received
+
+    wait_for(moved, 10, interval=0.05, what="a later change applied: the loop lives on")
+    assert sidecar.process.poll() is None

@@ -197,7 +197,7 @@ class DataPlane:
         instance.attempts += 1
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (instance.attempts - 1))
         instance.due = time.monotonic() + delay
-        instance.failure = _describe(exc)
+        instance.failure = describe(exc)
         log.error("route %s: nginx has not taken the change, trying again in %.1fs: %s", route, delay,
                   instance.failure)
         return instance.failure
@@ -243,7 +243,7 @@ class DataPlane:
             except (NginxError, OSError) as exc:
                 instance.started_at = now
                 instance.restart_at = None  # the next supervise() counts it and backs off further
-                log.error("route %s: %s", route, _describe(exc))
+                log.error("route %s: %s", route, describe(exc))
         for nginx, deadline in list(self.retiring):
             if not nginx.running or now >= deadline:
                 nginx.stop(grace=0)
@@ -288,7 +288,7 @@ class DataPlane:
         return any(i.pending for i in self.instances.values())
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
     """nginx's own message, or which file an OS error is about (a full or read-only state dir)."""
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror}"

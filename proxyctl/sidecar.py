@@ -21,7 +21,7 @@ from typing import Mapping
 from proxyctl import health, logs
 from proxyctl.config import Config, ConfigError, read_config
 from proxyctl.configwatch import watch_config
-from proxyctl.dataplane import DataPlane, Wanted
+from proxyctl.dataplane import DataPlane, Wanted, describe
 from proxyctl.discovery import Discovery
 from proxyctl.kube import Identity, identity
 from proxyctl.nginx import NginxError, stream_module
@@ -34,6 +34,7 @@ DEBOUNCE = 0.02  # seconds: coalesces a burst of pod events into one reload
 FIRST_SYNC_TIMEOUT = 5.0  # start nginx after this even if a watch has not listed yet
 NEW_ROUTE_SYNC_TIMEOUT = 2.0
 STOP_GRACE = 25.0  # within Kubernetes' default 30 s termination grace period
+CONFIG_RETRY = 1.0  # seconds: a config file that could not be read (not an invalid one) is read again
 MAX_OPEN_FILES = 1 << 20  # what an unlimited open-file limit counts as
 
 
@@ -55,6 +56,7 @@ class Sidecar:
         self.open_files = _raise_open_files_limit()
         self.applied_config = config  # the last config nginx took in full: a refused one goes back to it
         self._config_changed = threading.Event()
+        self._reread_at: float | None = None
         self.discovery: Discovery | None = None
 
     # --- events from other threads and signals --------------------------------------------
@@ -101,8 +103,12 @@ class Sidecar:
                 self.config_valid = True
                 return
             self.dataplane.test(self._wanted(candidate))
-        except (ConfigError, NginxError, OSError) as exc:
+        except (ConfigError, NginxError) as exc:
             self._reject(exc)
+            return
+        except OSError as exc:  # e.g. out of file descriptors: not the config's fault
+            log.error("cannot check the config file now, trying again in %gs: %s", CONFIG_RETRY, describe(exc))
+            self._reread_at = time.monotonic() + CONFIG_RETRY
             return
         log.info("config accepted: %d route(s)", len(candidate.routes))
         if candidate.health != self.config.health:
@@ -138,6 +144,9 @@ class Sidecar:
 
     def _step(self) -> None:
         self.dataplane.supervise()
+        if self._reread_at is not None and time.monotonic() >= self._reread_at:
+            self._reread_at = None
+            self._config_changed.set()
         if self._config_changed.is_set():
             self._config_changed.clear()
             self._try_new_config()
@@ -173,7 +182,7 @@ class Sidecar:
         if self.config_path.parent.is_dir():
             watch_config(self.config_path, self.config_changed, self.stopping)
         while not self.stopping.is_set():
-            self._wake.wait(self.dataplane.due_in())
+            self._wake.wait(self._due_in())
             time.sleep(DEBOUNCE)
             self._wake.clear()  # before the check below, so a stop() that comes later wakes the next wait
             if self.stopping.is_set():
@@ -184,6 +193,13 @@ class Sidecar:
                 log.error("unexpected error, carrying on: %s: %s", type(exc).__name__, exc,
                           exc_info=log.isEnabledFor(logging.DEBUG))
         return 0
+
+    def _due_in(self) -> float | None:
+        """Seconds until the loop has something to do without being woken; None: only when woken."""
+        due = [t for t in (self.dataplane.due_in(),) if t is not None]
+        if self._reread_at is not None:
+            due.append(max(0.0, self._reread_at - time.monotonic()))
+        return min(due) if due else None
 
     def status(self) -> health.Status:
         """What the health server reports; read from other threads, so only reads here."""

@@ -5,33 +5,44 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from types import ModuleType
 
 
-def _lean_kubernetes() -> None:
-    """Register the `kubernetes` package without running its __init__, which imports every part.
+def _lazy_package(name: str) -> None:
+    """Register package `name` without running its __init__ until something only it defines is asked for.
 
-    That __init__ loads the dynamic client, websockets, informers, leader election and more
-    (with the test dependencies also jsonschema): about 4 MB of the sidecar's memory, for
-    parts proxyctl never uses. Its modules import their siblings by full name, so each one
-    proxyctl needs (configuration, ApiClient, the config loaders) loads on first import as usual;
-    `kubernetes.<name>` still works, importing the submodule when it is first touched.
+    The `kubernetes` package's __init__ imports every part of the client (the dynamic client,
+    websockets, informers, leader election...), and `kubernetes.config`'s imports the kubeconfig
+    loader with requests, oauthlib and yaml, which a pod in a cluster never uses: together
+    several MB of the sidecar's memory. Their modules import each other by full name, so the
+    ones proxyctl uses load as usual. `kubernetes.<submodule>` imports the submodule when first
+    touched; any other name (`kubernetes.config.load_kube_config`) runs the real __init__ first.
     """
-    if "kubernetes" in sys.modules:
+    if name in sys.modules:
         return
-    spec = importlib.util.find_spec("kubernetes")
-    if spec is None or spec.submodule_search_locations is None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None or spec.loader is None:
         return
+    loader = spec.loader
     package = importlib.util.module_from_spec(spec)
+    initialised = False
 
-    def submodule(name: str) -> ModuleType:
+    def attribute(key: str) -> object:  # PEP 562
+        nonlocal initialised
         try:
-            return importlib.import_module(f"kubernetes.{name}")
-        except ModuleNotFoundError:
-            raise AttributeError(f"module 'kubernetes' has no attribute {name!r}") from None
+            return importlib.import_module(f"{name}.{key}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{name}.{key}":
+                raise
+        if not initialised:
+            initialised = True
+            loader.exec_module(package)
+            if key in package.__dict__:
+                return package.__dict__[key]
+        raise AttributeError(f"module {name!r} has no attribute {key!r}")
 
-    package.__getattr__ = submodule  # type: ignore[method-assign]  # PEP 562
-    sys.modules["kubernetes"] = package
+    package.__getattr__ = attribute  # type: ignore[attr-defined]
+    sys.modules[name] = package
 
 
-_lean_kubernetes()
+_lazy_package("kubernetes")
+_lazy_package("kubernetes.config")

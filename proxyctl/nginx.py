@@ -122,8 +122,7 @@ class Nginx:
     def await_start(self, timeout: float) -> None:
         """Wait until the master `launch` started runs its first worker; NginxError when it does not."""
         started = self._started_before
-        self._wait(lambda: self._workers_started > started, timeout)
-        if self._workers_started == started:
+        if not self._wait_for_worker(started, set(), timeout):
             raise NginxError(f"nginx did not start: {self._errors[0] if self._errors else 'no worker started'}")
 
     def reload(self, timeout: float = 10.0) -> None:
@@ -137,12 +136,30 @@ class Nginx:
             raise NginxError("nginx is not running")
         assert self.process is not None
         self._errors.clear()
-        started = self._workers_started
+        started, before = self._workers_started, set(_children(self.process.pid))
         self.process.send_signal(signal.SIGHUP)
-        self._wait(lambda: self._workers_started > started, timeout)
-        if self._workers_started == started:
+        if not self._wait_for_worker(started, before, timeout):
             reason = self._errors[0] if self._errors else f"no new worker started within {timeout:g}s"
             raise NginxError(f"nginx reload failed: {reason}")
+
+    def _wait_for_worker(self, started: int, before: set[int], timeout: float) -> bool:
+        """Whether a new worker runs within `timeout`: said in the log, or seen among the master's children.
+
+        The log alone could miss it: nginx drops log lines while the pipe is full.
+        """
+        assert self.process is not None
+        pid = self.process.pid
+
+        def new_worker() -> bool:
+            if self._workers_started > started:
+                return True
+            new = set(_children(pid)) - before
+            if new:
+                self.worker = max(new, key=_start_time)
+            return bool(new)
+
+        self._wait(new_worker, timeout)
+        return new_worker()
 
     def _wait(self, done: Callable[[], bool], timeout: float) -> None:
         """Wait for `done()` about nginx's log, an error in it, nginx's exit, or the timeout."""

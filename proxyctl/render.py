@@ -20,6 +20,7 @@ from proxyctl.config import Config, Route
 # Each connection slot costs memory in every worker (about 6.5 MB per 16k here), so size the
 # table to the routes, up to a cap: UDP with `proxy_responses 0` frees its slots at once; TCP
 # holds two (client and upstream) for as long as a stream lives. Each slot may need a file.
+# `proxyctl run` gives each route an nginx of its own, so a route has its 1024 to itself.
 CONNECTIONS_PER_ROUTE = 1024
 MAX_CONNECTIONS = 16384
 # Bursts of datagrams wait here while the worker is busy (the kernel's default of ~208 KiB
@@ -54,7 +55,7 @@ def _template(path: Path) -> jinja2.Template:
 
 def worker_connections(routes: int, open_files: int | None) -> int:
     """Slots for `routes` routes, within the cap and within the open files nginx may have."""
-    wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * max(2, routes))
+    wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * routes)
     return wanted if open_files is None else max(64, min(wanted, (open_files - 64) // 2))
 
 

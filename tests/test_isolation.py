@@ -95,7 +95,7 @@ def test_one_routes_held_streams_do_not_make_another_route_fail(kube_api: KubeAp
         sink = stack.enter_context(socket.create_server(("127.0.0.2", busy), backlog=4096))
         assert sink is not None
         held: list[socket.socket] = []
-        for _ in range(1100):  # more streams than one route's connection table holds (1024 + listener)
+        for _ in range(1100):  # 2 slots each: more than the route's 1024, and than the 2048 two routes once shared
             held.append(stack.enter_context(socket.create_connection(("127.0.0.1", busy), timeout=5)))
         wait_for(lambda: "worker_connections are not enough" in sidecar.log(), 10,
                  what="the busy route out of connection slots")

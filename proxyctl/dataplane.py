@@ -30,7 +30,7 @@ log = logging.getLogger("proxyctl.dataplane")
 
 START_TIMEOUT = 10.0
 RELOAD_TIMEOUT = 3.0  # a master that does not answer by then is retried; its SIGHUP stays pending
-RELOAD_BURST, RELOADS_PER_SECOND = 5, 2.0  # per nginx: a token bucket
+RELOAD_BURST, RELOADS_PER_SECOND = 10, 5.0  # per nginx: a token bucket
 MAX_DRAINING = 8  # old workers per nginx (about 1 MB each); beyond this the oldest is closed at once
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # seconds: backoff of a change nginx did not take (a resumed master is seen soon)
 RESTART_BACKOFF_MAX = 30.0  # seconds: an nginx that keeps dying is started less and less often

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -196,10 +197,11 @@ class Sidecar:
 
     def _due_in(self) -> float | None:
         """Seconds until the loop has something to do without being woken; None: only when woken."""
-        due = [t for t in (self.dataplane.due_in(),) if t is not None]
+        due = self.dataplane.due_in()
         if self._reread_at is not None:
-            due.append(max(0.0, self._reread_at - time.monotonic()))
-        return min(due) if due else None
+            reread = max(0.0, self._reread_at - time.monotonic())
+            due = reread if due is None else min(due, reread)
+        return due
 
     def status(self) -> health.Status:
         """What the health server reports; read from other threads, so only reads here."""
@@ -261,8 +263,12 @@ def run(config_path: Path, state_dir: Path, template: Path | None, env: Mapping[
     except StateDirError as exc:
         log.error("%s", exc)
         return 1
-    sidecar = Sidecar(config_path, state_dir, template, env, config)
-    sidecar.dataplane.end_stale()
+    try:
+        sidecar = Sidecar(config_path, state_dir, template, env, config)
+        sidecar.dataplane.end_stale()
+    except (OSError, subprocess.CalledProcessError, NginxError) as exc:  # e.g. no nginx, or no stream module
+        log.error("cannot start: %s", exc)
+        return 1
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, sidecar.stop)
     signal.signal(signal.SIGHUP, sidecar.reread)

@@ -234,6 +234,7 @@ def test_a_flapping_pod_reloads_at_a_bounded_rate_and_drains_a_bounded_number_of
             most_workers = max(most_workers, len(Path(f"/proc/{master}/task/{master}/children").read_text().split()))
             time.sleep(0.05)
         lasted = time.monotonic() - started
+        kube_api.update_pod(NS, "flapping", ready=True)
         wait_for(lambda: '"127.0.0.3:' in sidecar.get("/routes")[1], 10, what="the pod's last state, ready")
         done = (sidecar.metric("proxyctl_reloads_total") or 0) - reloads
     finally:

@@ -31,6 +31,7 @@ _WORKER = re.compile(r"start worker process (\d+)")
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.DEBUG, "notice": logging.DEBUG, "warn": logging.WARNING,
                "error": logging.ERROR, "crit": logging.ERROR, "alert": logging.ERROR, "emerg": logging.ERROR}
 _PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: between fork and exec, only call it
 
 
 class NginxError(RuntimeError):
@@ -57,7 +58,7 @@ def _die_with_parent() -> None:
     SIGTERM, not SIGKILL: the master then ends its workers, which would otherwise live on
     holding the ports.
     """
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Nginx:

@@ -91,10 +91,13 @@ class DataPlane:
         return self.routes_dir / route
 
     def end_stale(self) -> None:
-        """End nginx left running on this state dir by a proxyctl that was killed outright."""
-        if not self.routes_dir.is_dir():
-            return
-        for directory in sorted(p for p in self.routes_dir.iterdir() if p.is_dir()):
+        """End nginx left running on this state dir by a proxyctl that was killed outright.
+
+        The state dir itself is looked at too: versions before one nginx per route kept
+        their one nginx's pid there.
+        """
+        routes = sorted(p for p in self.routes_dir.iterdir() if p.is_dir()) if self.routes_dir.is_dir() else []
+        for directory in [self.routes_dir.parent, *routes]:
             if end_stale(directory):
                 log.warning("ended an nginx left running by an earlier proxyctl in %s", directory)
 

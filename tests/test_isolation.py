@@ -80,6 +80,7 @@ def test_connections_to_a_backend_that_is_gone_are_closed_within_the_routes_drai
         closed_after = time.monotonic() - moved
     print(f"\nheld connection to the gone pod closed {closed_after:.2f} s after the change (drainTimeout 2s)")
     assert closed_after < 2 + 1.0
+    assert "Traceback" not in sidecar.log()
 
 
 def test_one_routes_held_streams_do_not_make_another_route_fail(kube_api: KubeApiServer, proxyctl,

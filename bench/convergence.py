@@ -78,7 +78,7 @@ class Rig:
             now = self.reloads()
             if now != last:
                 last, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet and len(children(self.sidecar.nginx_pid())) == 1:
+            elif time.monotonic() - since >= quiet and len(children(self.sidecar.nginx_pid("dogstatsd"))) == 1:
                 return
 
     def replace_pod(self) -> float | None:

@@ -69,9 +69,10 @@ def run(quick: bool) -> CaseResult:
                 requests = api.count() - before
                 time.sleep(IDLE)  # idle on purpose: the figure is the resting footprint
                 assert sidecar.process is not None
-                nginx = sidecar.nginx_pid()
-                starts.append(Start(ready_after, requests, memory(sidecar.process.pid), tree_memory(nginx),
-                                    1 + len(children(nginx))))
+                masters = sidecar.nginx_pids()  # one nginx per route
+                nginx = sum((tree_memory(m) for m in masters[1:]), tree_memory(masters[0]))
+                starts.append(Start(ready_after, requests, memory(sidecar.process.pid), nginx,
+                                    sum(1 + len(children(m)) for m in masters)))
                 sidecar.stop()
             print(f"  start {k + 1}: ready after {ms(ready_after)}; PSS proxyctl {mb(starts[-1].proxyctl.pss)}, "
                   f"nginx {mb(starts[-1].nginx.pss)}", flush=True)

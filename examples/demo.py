@@ -151,12 +151,13 @@ def stop_proxyctl(process: subprocess.Popen[str], follower: threading.Thread, st
             process.kill()
             process.wait()
     follower.join(5)
-    # nginx runs in its own session; it removes its pid file when it exits, so a file left
-    # behind means proxyctl could not stop it.
-    with contextlib.suppress(OSError, ValueError):
-        pid = int((state / "nginx.pid").read_text())
-        if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.killpg(pid, signal.SIGKILL)
+    # Each route's nginx runs in its own session; it removes its pid file when it exits, so a
+    # file left behind means proxyctl could not stop it.
+    for pid_file in state.glob("routes/*/nginx.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if b"nginx" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, signal.SIGKILL)
     return process.returncode
 
 

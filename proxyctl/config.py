@@ -179,6 +179,8 @@ class Route(_Model):
         "backend (every client of the sidecar has the address 127.0.0.1)")
     udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
+    drain_timeout: Duration = Field(30.0, description="after a change of this route, connections its old nginx "
+                                                      "worker still holds are closed within this; default 30s")
 
     @field_validator("name", "namespace")
     @classmethod

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import urllib3
-from kubernetes import config
 from kubernetes.client.api_client import ApiClient
 from kubernetes.client.configuration import Configuration
 from kubernetes.client.exceptions import ApiException
@@ -118,9 +117,13 @@ class Api:
         """
         configuration = Configuration()
         if env.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+            from kubernetes.config.incluster_config import load_incluster_config
+
+            load_incluster_config(client_configuration=configuration)
+        else:  # only here: the kubeconfig loader brings requests, oauthlib and yaml (see proxyctl/__init__.py)
+            from kubernetes.config.kube_config import load_kube_config
+
+            load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
         # urllib3 would retry a failed connect three times by itself, hiding a dead API server
         # behind long waits; our watches have their own backoff.
         configuration.retries = False

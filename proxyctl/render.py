@@ -1,4 +1,9 @@
-"""Rendering: (config, endpoints) → nginx.conf text. Pure, so it is tested without nginx."""
+"""Rendering: (config, endpoints) → nginx.conf text. Pure, so it is tested without nginx.
+
+`proxyctl run` gives each route its own nginx (see dataplane.py), so it renders one route
+at a time with `render_route`; `render` gives every route in one file, as `proxyctl render`
+prints it.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,14 @@ from typing import Mapping, Sequence
 import jinja2
 
 from proxyctl.backend import Backend
-from proxyctl.config import Config
+from proxyctl.config import Config, Route
 
 # Each connection slot costs memory in every worker (about 6.5 MB per 16k here), so size the
 # table to the routes, up to a cap: UDP with `proxy_responses 0` frees its slots at once; TCP
 # holds two (client and upstream) for as long as a stream lives. Each slot may need a file.
+# `proxyctl run` gives each route an nginx of its own, so a route has its 1024 to itself.
 CONNECTIONS_PER_ROUTE = 1024
 MAX_CONNECTIONS = 16384
-WORKER_SHUTDOWN_TIMEOUT = "30s"
 # Bursts of datagrams wait here while the worker is busy (the kernel's default of ~208 KiB
 # lost up to 1% at 30k datagrams/s). The kernel caps it at 2 × net.core.rmem_max.
 UDP_RECEIVE_BUFFER = "4m"
@@ -73,7 +78,7 @@ def listen_addresses(config: Config, ipv6_loopback: bool) -> list[str]:
 
 def worker_connections(routes: int, open_files: int | None) -> int:
     """Slots for `routes` routes, within the cap and within the open files nginx may have."""
-    wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * max(2, routes))
+    wanted = min(MAX_CONNECTIONS, CONNECTIONS_PER_ROUTE * routes)
     return wanted if open_files is None else max(64, min(wanted, (open_files - 64) // 2))
 
 
@@ -100,7 +105,24 @@ def render(
         state_dir=state_dir,
         stream_module=stream_module,
         worker_connections=worker_connections(len(config.routes), open_files),
-        worker_shutdown_timeout=WORKER_SHUTDOWN_TIMEOUT,
+        worker_shutdown_timeout=_seconds(max(route.drain_timeout for route in config.routes)),
         udp_receive_buffer=UDP_RECEIVE_BUFFER,
         seconds=_seconds,
     )
+
+
+def render_route(
+    config: Config,
+    route: Route,
+    backends: Sequence[Backend],
+    state_dir: Path,
+    stream_module: str | None = None,
+    template: Path | None = None,
+    open_files: int | None = None,
+) -> str:
+    """The nginx.conf of the nginx that serves `route` alone, keeping its pid in `state_dir`.
+
+    Its old worker drains for the route's own `drainTimeout` after a reload.
+    """
+    alone = config.model_copy(update={"routes": [route]})
+    return render(alone, {route.key: backends}, state_dir, stream_module, template, open_files)

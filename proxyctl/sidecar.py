@@ -1,8 +1,11 @@
 """`proxyctl run`: keep nginx in step with the pods and the config file.
 
-Every change (a pod, the config file, nginx dying) only sets a flag and wakes the main
-loop; the loop debounces, renders, and reloads nginx when the text differs. One thread
-decides, so there is never a race between two reloads.
+Every change (a pod, the config file, nginx dying, SIGHUP) only sets a flag and wakes the
+main loop; the loop debounces, renders each route's nginx.conf and hands them to the data
+plane (dataplane.py), which reloads the nginx whose text differs. One thread decides, so
+there is never a race between two reloads, and it starts every nginx, which dies with it
+(PR_SET_PDEATHSIG follows the thread that forked). No error ends the loop: it is logged
+and the last good config keeps serving.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,10 +22,12 @@ from typing import Mapping
 from proxyctl import health, logs
 from proxyctl.config import Config, ConfigError, read_config
 from proxyctl.configwatch import watch_config
+from proxyctl.dataplane import DataPlane, Wanted, describe
 from proxyctl.discovery import Discovery
 from proxyctl.kube import Identity, identity
-from proxyctl.nginx import Nginx, NginxError, stream_module
-from proxyctl.render import render
+from proxyctl.nginx import NginxError, stream_module
+from proxyctl.render import render_route
+from proxyctl.statedir import StateDirError, claim
 
 log = logging.getLogger("proxyctl")
 
@@ -29,12 +35,12 @@ DEBOUNCE = 0.02  # seconds: coalesces a burst of pod events into one reload
 FIRST_SYNC_TIMEOUT = 5.0  # start nginx after this even if a watch has not listed yet
 NEW_ROUTE_SYNC_TIMEOUT = 2.0
 STOP_GRACE = 25.0  # within Kubernetes' default 30 s termination grace period
-RESTART_BACKOFF_MAX = 30.0
+CONFIG_RETRY = 1.0  # seconds: a config file that could not be read (not an invalid one) is read again
 MAX_OPEN_FILES = 1 << 20  # what an unlimited open-file limit counts as
 
 
 class Sidecar:
-    """The running state: last good config, the text nginx serves, counters for /metrics."""
+    """The running state: the config nginx serves, the one wanted, counters for /metrics."""
 
     def __init__(self, config_path: Path, state_dir: Path, template: Path | None, env: Mapping[str, str],
                  config: Config) -> None:
@@ -42,22 +48,19 @@ class Sidecar:
         self.template = template
         self.env = env
         self.config = config
-        self.config_valid = True
+        self.config_valid = True  # whether the config file, as last read, was accepted
+        self.config_failures = 0
         self.stopping = threading.Event()
         self._wake = threading.Event()
-        self.nginx = Nginx(state_dir, on_exit=self._wake.set)
+        self.dataplane = DataPlane(state_dir, self._wake.set)
         self.stream_module = stream_module()
         self.open_files = _raise_open_files_limit()
-        self.applied = ""  # the text nginx serves now
-        self.applied_endpoints: dict[str, list[str]] = {}
-        self.applied_config = config  # the config nginx serves: what /readyz and /routes describe
-        self.reloads = self.reload_failures = self.nginx_restarts = 0
-        self._nginx_started_at = 0.0
-        self._restart_delay = 0.0
+        self.applied_config = config  # the last config nginx took in full: a refused one goes back to it
         self._config_changed = threading.Event()
+        self._reread_at: float | None = None
         self.discovery: Discovery | None = None
 
-    # --- events from other threads --------------------------------------------------------
+    # --- events from other threads and signals --------------------------------------------
 
     def wake(self) -> None:
         self._wake.set()
@@ -71,14 +74,26 @@ class Sidecar:
         self.stopping.set()
         self._wake.set()
 
-    # --- rendering and reloading --------------------------------------------------------------
+    def reread(self, signum: int, frame: object = None) -> None:
+        log.info("signal %s: reading the config file again", signal.Signals(signum).name)
+        self.config_changed()
 
-    def _render(self, config: Config) -> tuple[str, dict[str, list[str]]]:
-        """The nginx.conf for `config` with the backends known now, and those backends by route."""
+    def ignore(self, signum: int, frame: object = None) -> None:
+        log.info("signal %s: ignored", signal.Signals(signum).name)
+
+    # --- rendering and applying -----------------------------------------------------------
+
+    def _wanted(self, config: Config) -> dict[str, Wanted]:
+        """Each route's nginx.conf for `config`, with the backends known now."""
         assert self.discovery is not None
         endpoints = self.discovery.endpoints()
-        text = render(config, endpoints, self.nginx.state_dir, self.stream_module, self.template, self.open_files)
-        return text, {name: [str(b) for b in backends] for name, backends in endpoints.items()}
+        wanted = {}
+        for route in config.routes:
+            backends = endpoints.get(route.key, [])
+            text = render_route(config, route, backends, self.dataplane.directory(route.key), self.stream_module,
+                                self.template, self.open_files)
+            wanted[route.key] = Wanted(route, text, tuple(str(b) for b in backends))
+        return wanted
 
     def _try_new_config(self) -> None:
         """Adopt a changed config file only if it validates and nginx accepts it."""
@@ -88,11 +103,13 @@ class Sidecar:
             if candidate == self.config:
                 self.config_valid = True
                 return
-            self.nginx.test(self._render(candidate)[0])
+            self.dataplane.test(self._wanted(candidate))
         except (ConfigError, NginxError) as exc:
-            self.config_valid = False
-            self.reload_failures += 1
-            log.error("rejected the new config; the last good one keeps serving:\n%s", exc)
+            self._reject(exc)
+            return
+        except OSError as exc:  # e.g. out of file descriptors: not the config's fault
+            log.error("cannot check the config file now, trying again in %gs: %s", CONFIG_RETRY, describe(exc))
+            self._reread_at = time.monotonic() + CONFIG_RETRY
             return
         log.info("config accepted: %d route(s)", len(candidate.routes))
         if candidate.health != self.config.health:
@@ -103,55 +120,38 @@ class Sidecar:
         self.discovery.set_config(candidate)
         self.discovery.wait_synced(NEW_ROUTE_SYNC_TIMEOUT)
 
+    def _reject(self, exc: Exception) -> None:
+        self.config_valid = False
+        self.config_failures += 1
+        log.error("rejected the new config; the last good one keeps serving:\n%s", exc)
+
     def _converge(self) -> None:
-        """Render; when the text differs from what nginx serves, test it and reload."""
+        """Bring every route's nginx to what the config and the pods say now.
+
+        A new config that nginx refuses is reverted, routes it already reached included;
+        a pod change that nginx did not take is tried again (DataPlane).
+        """
         assert self.discovery is not None
-        text, endpoints = self._render(self.config)
-        if text == self.applied:
-            self.applied_config = self.config  # e.g. only logLevel changed: nginx serves it already
-            return
-        try:
-            self.nginx.test(text)
-            self.nginx.write(text)
-            self.nginx.reload()
-        except NginxError as exc:
-            self.reload_failures += 1
-            self.config_valid = False
-            log.error("nginx rejected the new config; the last good one keeps serving: %s", exc)
-            self.nginx.write(self.applied)  # a restarted nginx must come back with the good one
-            if self.config is not self.applied_config:  # so later pod changes render the good one too
-                self.config = self.applied_config
-                self.discovery.set_config(self.config)
-            return
-        self.applied, self.applied_endpoints, self.applied_config = text, endpoints, self.config
-        self.reloads += 1
-        log.info("reloaded nginx: %s", _summary(endpoints))
+        failures = self.dataplane.apply(self._wanted(self.config))
+        if failures and self.config is not self.applied_config:
+            self._reject(NginxError("; ".join(f"route {r}: {f}" for r, f in failures.items())))
+            self.config = self.applied_config  # so later pod changes render the good one too
+            self.discovery.set_config(self.config)
+            self.dataplane.apply(self._wanted(self.config))
+        elif not self.dataplane.pending:
+            if self.applied_config is not self.config:
+                log.info("nginx serves the new config")
+            self.applied_config = self.config
 
-    def _start_nginx(self) -> None:
-        text, endpoints = self._render(self.config)
-        self.nginx.test(text)
-        self.nginx.write(text)
-        self.nginx.start()
-        self._nginx_started_at = time.monotonic()
-        self.applied, self.applied_endpoints = text, endpoints
-        log.info("nginx started: %s", _summary(endpoints))
-
-    def _restart_nginx(self) -> None:
-        """nginx died: start it again from the last good config, waiting longer each time it dies young."""
-        self.nginx_restarts += 1
-        lived = time.monotonic() - self._nginx_started_at
-        self._restart_delay = 0.0 if lived > 60 else min(RESTART_BACKOFF_MAX, max(1.0, self._restart_delay * 2))
-        log.error("nginx exited with %s; restarting in %.1fs",
-                  self.nginx.process and self.nginx.process.returncode, self._restart_delay)
-        self.nginx.kill_leftovers()
-        if self.stopping.wait(self._restart_delay):
-            return
-        try:
-            self.nginx.start()
-        except NginxError as exc:
-            log.error("%s", exc)
-        self._nginx_started_at = time.monotonic()
-        self._wake.set()  # converge: pods may have changed while nginx was down
+    def _step(self) -> None:
+        self.dataplane.supervise()
+        if self._reread_at is not None and time.monotonic() >= self._reread_at:
+            self._reread_at = None
+            self._config_changed.set()
+        if self._config_changed.is_set():
+            self._config_changed.clear()
+            self._try_new_config()
+        self._converge()
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -159,50 +159,67 @@ class Sidecar:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
         server = health.serve(self.config.health, self.status)
+        try:
+            return self._serve()
+        except Exception as exc:  # noqa: BLE001 - before the loop runs: nothing serves yet, so say it and exit
+            log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return 1
+        finally:
+            self.discovery.stop()
+            self.dataplane.stop(STOP_GRACE if self.stopping.is_set() else 0.0)
+            server.shutdown()
+            log.info("stopped")
+
+    def _serve(self) -> int:
+        assert self.discovery is not None
         if not self.discovery.wait_synced(FIRST_SYNC_TIMEOUT):
             log.warning("not every watch has listed its pods yet; starting nginx with what is known")
-        try:
-            self._start_nginx()
-        except NginxError as exc:
-            log.error("cannot start nginx: %s", exc)
+        wanted = self._wanted(self.config)
+        failures = self.dataplane.apply(wanted)
+        if failures:
+            log.error("cannot start nginx: %s", "; ".join(f"route {r}: {f}" for r, f in failures.items()))
             return 1
+        log.info("nginx started: %s", _summary(wanted))
         if self.config_path.parent.is_dir():
             watch_config(self.config_path, self.config_changed, self.stopping)
         while not self.stopping.is_set():
-            self._wake.wait()
+            self._wake.wait(self._due_in())
             time.sleep(DEBOUNCE)
             self._wake.clear()  # before the check below, so a stop() that comes later wakes the next wait
             if self.stopping.is_set():
                 break
-            if not self.nginx.running:
-                self._restart_nginx()
-                continue
-            if self._config_changed.is_set():
-                self._config_changed.clear()
-                self._try_new_config()
-            self._converge()
-        self.discovery.stop()
-        code = self.nginx.stop(STOP_GRACE)
-        server.shutdown()
-        log.info("stopped (nginx exited with %s)", code)
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one mistake; nginx keeps serving
+                log.error("unexpected error, carrying on: %s: %s", type(exc).__name__, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
         return 0
+
+    def _due_in(self) -> float | None:
+        """Seconds until the loop has something to do without being woken; None: only when woken."""
+        due = self.dataplane.due_in()
+        if self._reread_at is not None:
+            reread = max(0.0, self._reread_at - time.monotonic())
+            due = reread if due is None else min(due, reread)
+        return due
 
     def status(self) -> health.Status:
         """What the health server reports; read from other threads, so only reads here."""
         assert self.discovery is not None
-        routes = [
-            health.RouteStatus(r.key, r.port, r.protocol, self.applied_endpoints.get(r.key, []))
-            for r in self.applied_config.routes
-        ]
-        ready = []
-        if not self.nginx.running:
-            ready.append("nginx is not running")
+        routes = [health.RouteStatus(s.route.key, s.route.port, s.route.protocol, list(s.backends))
+                  for s in self.dataplane.served()]
+        served = {r.name for r in routes}
+        wanted = {r.key for r in self.config.routes}  # a route on its way out is not missing
+        ready = [f"route {r.key}: nginx does not serve it yet" for r in self.applied_config.routes
+                 if r.key in wanted and r.key not in served]
+        ready += self.dataplane.problems()
         if not self.config_valid:
             ready.append("the latest config was rejected; the last good one serves")
         ready += [f"route {r.name} has no backend" for r in routes if not r.backends]
         alive = [f"watch stalled: {key}" for key in self.discovery.stalled()]
-        return health.Status(alive, ready, routes, self.reloads, self.reload_failures, self.config_valid,
-                             self.discovery.restarts, self.nginx_restarts)
+        return health.Status(alive, ready, routes, self.dataplane.reloads,
+                             self.config_failures + self.dataplane.failures, self.config_valid,
+                             self.discovery.restarts, self.dataplane.restarts)
 
 
 def _raise_open_files_limit() -> int:
@@ -214,8 +231,8 @@ def _raise_open_files_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else MAX_OPEN_FILES
 
 
-def _summary(endpoints: Mapping[str, list[str]]) -> str:
-    return "; ".join(f"{name} -> {', '.join(backends) or 'no backend'}" for name, backends in endpoints.items())
+def _summary(wanted: Mapping[str, Wanted]) -> str:
+    return "; ".join(f"{name} -> {', '.join(w.backends) or 'no backend'}" for name, w in wanted.items())
 
 
 def _identity(env: Mapping[str, str], stopping: threading.Event) -> Identity | None:
@@ -241,10 +258,22 @@ def run(config_path: Path, state_dir: Path, template: Path | None, env: Mapping[
         log.error("invalid config, not starting:\n%s", exc)
         return 1
     logs.setup(config.log_level, env)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(config_path, state_dir, template, env, config)
-    signal.signal(signal.SIGTERM, sidecar.stop)
-    signal.signal(signal.SIGINT, sidecar.stop)
+    try:
+        claim(state_dir)  # held until the process ends
+    except StateDirError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        sidecar = Sidecar(config_path, state_dir, template, env, config)
+        sidecar.dataplane.end_stale()
+    except (OSError, subprocess.CalledProcessError, NginxError) as exc:  # e.g. no nginx, or no stream module
+        log.error("cannot start: %s", exc)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, sidecar.stop)
+    signal.signal(signal.SIGHUP, sidecar.reread)
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, sidecar.ignore)
     me = _identity(env, sidecar.stopping)
     if me is None:
         return 0

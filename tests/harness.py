@@ -99,8 +99,22 @@ class Proxyctl:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def nginx_pid(self) -> int:
-        return int((self.state_dir / "nginx.pid").read_text())
+    def nginx_pid(self, route: str | None = None) -> int:
+        """The nginx master of `route`; with one route, `route` may be left out."""
+        if route is None:
+            (path,) = self.state_dir.glob("routes/*/nginx.pid")
+        else:
+            path = self.state_dir / "routes" / route / "nginx.pid"
+        return int(path.read_text())
+
+    def nginx_pids(self) -> list[int]:
+        """The nginx masters, one per route."""
+        return [int(path.read_text()) for path in sorted(self.state_dir.glob("routes/*/nginx.pid"))]
+
+    def nginx_conf(self, route: str | None = None) -> str:
+        """The nginx.conf of `route`; with one route, `route` may be left out."""
+        (path,) = self.state_dir.glob(f"routes/{route or '*'}/nginx.conf")
+        return path.read_text()
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 40) -> int:
         assert self.process is not None
@@ -113,8 +127,8 @@ class Proxyctl:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if (self.state_dir / "nginx.pid").exists():
+        for pid_file in self.state_dir.glob("routes/*/nginx.pid"):
             try:
-                os.killpg(self.nginx_pid(), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
                 pass

@@ -347,7 +347,7 @@ BAD_PODS = [
 
 
 def server_lines(sidecar) -> set[str]:
-    text = (sidecar.state_dir / "nginx.conf").read_text()
+    text = sidecar.nginx_conf()
     return set(re.findall(r"^\s*server (\S+);$", text, re.M))
 
 
@@ -409,5 +409,5 @@ def test_unknown_fields_in_a_pod_are_ignored_and_never_rendered(kube_api: KubeAp
     sidecar = proxyctl(f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, selector: app=agent, "
                        f"namespace: {NS}}}\n")
     assert server_lines(sidecar) == {f"127.0.0.2:{port}"}
-    conf = (sidecar.state_dir / "nginx.conf").read_text()
+    conf = sidecar.nginx_conf()
     assert "127.0.0.66" not in conf and conf.count("stream {") == 1

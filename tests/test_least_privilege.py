@@ -138,7 +138,8 @@ def test_runs_as_nobody_with_only_its_state_dir_writable(kube_api: KubeApiServer
     try:
         sidecar.start()
         assert sidecar.process is not None
-        for pid in (sidecar.process.pid, *nginx_processes(sidecar.nginx_pid())):
+        masters = [sidecar.nginx_pid(route) for route in ("statsd", "forward")]
+        for pid in (sidecar.process.pid, *(p for m in masters for p in nginx_processes(m))):
             assert ids(pid) == ([NOBODY] * 4, [NOBODY] * 4), pid
 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

@@ -612,14 +612,15 @@ def test_pod_churn_soak_leaves_no_memory_fds_or_nginx_workers_behind(kube_api: K
     report = traffic.finish()
     churned = sidecar.metric("proxyctl_reloads_total") - reloads
 
-    master = sidecar.nginx_pid()
-    eventually(sidecar, lambda: len(children(master)) == 1, 15, "one nginx worker: every old one has exited")
+    masters = [sidecar.nginx_pid(route) for route in ("statsd", "forward")]
+    eventually(sidecar, lambda: all(len(children(m)) == 1 for m in masters), 15,
+               "one nginx worker each: every old one has exited")
     margin = max(4096, rss // 10)  # kB
     eventually(sidecar, lambda: proc_status(pid, "VmRSS") <= rss + margin and open_fds(pid) <= fds + 2, 15,
                f"RSS within {margin} kB of {rss} kB and fds within 2 of {fds}")
     print(f"\nchurn soak: {n - 10} replacements, {churned:.0f} reloads in {SOAK:.0f} s; sidecar RSS "
           f"{rss_at_start} kB at start, {rss} kB after warm-up -> {proc_status(pid, 'VmRSS')} kB after the soak "
-          f"(peak {peak} kB); fds {fds} -> {open_fds(pid)}; nginx workers: {len(children(master))}; "
+          f"(peak {peak} kB); fds {fds} -> {open_fds(pid)}; nginx workers: {[len(children(m)) for m in masters]}; "
           f"UDP {report.udp_delivered}/{report.udp_sent} (loss {report.udp_loss:.3%}), "
           f"TCP {report.tcp_ok}/{report.tcp_sent}")
     assert churned >= SOAK  # at least one reload per second of churn: every change was applied

@@ -33,7 +33,7 @@ def test_connection_table_grows_with_routes_within_the_cap_and_the_open_file_lim
         text = render(load_config("routes:\n" + lines), {}, Path("/state"), open_files=open_files)
         return int(re.search(r"worker_connections (\d+);", text).group(1))
 
-    assert connections(1) == 2048 and connections(3) == 3072
+    assert connections(1) == 1024 and connections(3) == 3072
     assert connections(100) == MAX_CONNECTIONS
     assert connections(3, open_files=1024) == (1024 - 64) // 2
 

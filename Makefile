@@ -1,25 +1,52 @@
-# The README's commands. `deps` installs what a fresh Debian machine lacks.
-PYTHON ?= python3
+# The README's commands. They set up what a fresh Debian 12 machine lacks, once:
+# apt packages when missing (as root), and a virtualenv in .venv/ that is reinstalled only
+# when pyproject.toml or constraints.txt change.
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
 STREAM_MODULE := /usr/lib/nginx/modules/ngx_stream_module.so
+# The first python3 >= 3.11 that can make a virtualenv (Debian's needs python3-venv for that).
+FIND_PYTHON := for p in python3 python3.13 python3.12 python3.11; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends
+IMAGE ?= proxyctl:0.1.0
 
-.PHONY: deps test demo bench schema
+.PHONY: deps system-deps test demo bench schema image fresh-debian-check
 
-deps:
-	@if ! command -v nginx >/dev/null || ! [ -e $(STREAM_MODULE) ]; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx libnginx-mod-stream; \
+deps: system-deps $(INSTALLED)
+
+# nginx with the stream module, and Python with venv when no usable one is on PATH.
+system-deps:
+	@missing=""; \
+	if ! command -v nginx >/dev/null 2>&1 && ! [ -x /usr/sbin/nginx ]; then missing="$$missing nginx"; fi; \
+	if ! [ -e $(STREAM_MODULE) ]; then missing="$$missing libnginx-mod-stream"; fi; \
+	if [ -z "$$($(FIND_PYTHON))" ]; then missing="$$missing python3 python3-venv"; fi; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run make as root to install them with apt-get" >&2; exit 1; fi; \
+		echo "installing with apt-get:$$missing"; \
+		apt-get -o DPkg::Lock::Timeout=600 update -q && $(APT_INSTALL) $$missing; \
 	fi
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+
+$(PY):
+	@python="$$($(FIND_PYTHON))"; [ -n "$$python" ] || { echo "no python3 >= 3.11 with venv found" >&2; exit 1; }; \
+	echo "making $(VENV) with $$(command -v $$python)"; \
+	$$python -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+$(INSTALLED): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
 
 test: deps
-	$(PYTHON) -m pytest
+	$(PY) -m pytest
 
-schema:
-	$(PYTHON) -m proxyctl schema > schema/proxyctl.schema.json
+schema: deps
+	$(PY) -m proxyctl schema > schema/proxyctl.schema.json
 
 # Real nginx under proxyctl, a test API server, and DogStatsD traffic on 127.0.0.x only.
 demo: deps
-	$(PYTHON) examples/demo.py
+	$(PY) examples/demo.py
 
 # The benchmarks of docs/benchmarks.md; they also need redis-server, redis-tools, haproxy and matplotlib.
 bench: deps
-	$(PYTHON) -m bench
+	$(PY) -m bench

@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 STREAM_MODULE := /usr/lib/nginx/modules/ngx_stream_module.so
+NGINX_PACKAGES := nginx libnginx-mod-stream
 # The first python3 >= 3.11 that can make a virtualenv (Debian's needs python3-venv for that).
 FIND_PYTHON := for p in python3 python3.13 python3.12 python3.11; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' \
@@ -19,8 +20,7 @@ deps: system-deps $(INSTALLED)
 # nginx with the stream module, and Python with venv when no usable one is on PATH.
 system-deps:
 	@missing=""; \
-	if ! command -v nginx >/dev/null 2>&1 && ! [ -x /usr/sbin/nginx ]; then missing="$$missing nginx"; fi; \
-	if ! [ -e $(STREAM_MODULE) ]; then missing="$$missing libnginx-mod-stream"; fi; \
+	if ! command -v nginx >/dev/null 2>&1 || ! [ -e $(STREAM_MODULE) ]; then missing="$$missing $(NGINX_PACKAGES)"; fi; \
 	if [ -z "$$($(FIND_PYTHON))" ]; then missing="$$missing python3 python3-venv"; fi; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run make as root to install them with apt-get" >&2; exit 1; fi; \

@@ -7,6 +7,7 @@ everything wrong with a ConfigMap instead of one mistake per push.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,17 +473,42 @@ def _manifests(text: str) -> list[Any] | None:
     return manifests or None
 
 
+def _near_miss(key: Any) -> bool:
+    """`proxyctl.yml`, `proxctl.yaml`, `Proxyctl.yaml`: meant as the config's key, so not to be skipped."""
+    key = str(key).lower()
+    return key.startswith("proxyctl") or difflib.SequenceMatcher(None, key, CONFIGMAP_KEY).ratio() >= 0.9
+
+
 def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
-    """A ConfigMap with a `proxyctl.*` key: a misspelt key must not be skipped silently."""
+    """A ConfigMap with the config's key or a near miss of it: a misspelt key must not be skipped silently."""
     data = manifest.get("data")
-    return manifest.get("kind") == "ConfigMap" and isinstance(data, Mapping) and any(
-        str(key).startswith("proxyctl") for key in data)
+    return manifest.get("kind") == "ConfigMap" and isinstance(data, Mapping) and any(map(_near_miss, data))
 
 
-def holds_config(text: str) -> bool:
+def _looks_like_config_file(text: str, source: str) -> bool:
+    """A file named `proxyctl*`, or one mapping with `routes` (or a near miss) or only the config's keys.
+
+    Other YAML (a Helm values file, `--endpoints` backends) is not a config with mistakes in it.
+    """
+    if Path(source).name.lower().startswith("proxyctl"):
+        return True
+    try:
+        documents = list(YAML(typ="safe").load_all(text))
+    except (YAMLError, TypeError, ValueError):  # reported with its location, if it seems meant for us
+        return "routes" in text or "proxyctl" in text.lower()  # not a Helm template, say
+    if len(documents) != 1 or not isinstance(documents[0], Mapping) or not documents[0]:
+        return False
+    keys = {str(key) for key in documents[0]}
+    ours = {field.alias or name for name, field in Config.model_fields.items()}
+    return keys <= ours or bool(difflib.get_close_matches("routes", [k.lower() for k in keys], cutoff=0.8))
+
+
+def holds_config(text: str, source: str = "") -> bool:
     """Whether `validate` has anything to check: a config file, or a manifest holding one."""
     manifests = _manifests(text)
-    return manifests is None or any(_looks_like_ours(m) for m in manifests)
+    if manifests is None:
+        return _looks_like_config_file(text, source)
+    return any(_looks_like_ours(m) for m in manifests)
 
 
 def check_file(text: str, source: str) -> list[Problem]:
@@ -502,8 +528,10 @@ def check_file(text: str, source: str) -> list[Problem]:
     for manifest in filter(_looks_like_ours, manifests):
         data = manifest["data"]
         if CONFIGMAP_KEY not in data:
-            line, column = data.lc.line + 1, data.lc.col + 1
-            problems.append(Problem(source, line, column, "data", f"the config must be under the key {CONFIGMAP_KEY!r}"))
+            key = next(k for k in data if _near_miss(k))
+            line, column = _key_position(data, key) or (data.lc.line + 1, data.lc.col + 1)
+            problems.append(Problem(source, line, column, f"data.{key}",
+                                    f"the config must be under the key {CONFIGMAP_KEY!r}, not {key!r}"))
             continue
         value_line, value_column = data.lc.value(CONFIGMAP_KEY)
         try:

@@ -33,10 +33,13 @@ class Api:
         Made anew after a 401, so that a rotated token (file) is read again.
         """
         configuration = Configuration()
-        if env.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+        try:
+            if env.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+        except (config.ConfigException, OSError) as exc:
+            raise NoCluster(_no_cluster_reason(env, exc)) from None
         # urllib3 would retry a failed connect three times by itself, hiding a dead API server
         # behind long waits; our watches have their own backoff.
         configuration.retries = False
@@ -56,6 +59,20 @@ class Api:
 
     def get_json(self, path: str, query: Mapping[str, Any], read_timeout: float) -> Any:
         return json.loads(self.get(path, query, read_timeout).data)
+
+
+class NoCluster(Exception):
+    """No usable way to reach an API server: not in a pod, and no (valid) kubeconfig."""
+
+
+def _no_cluster_reason(env: Mapping[str, str], exc: Exception) -> str:
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return f"in-cluster config (KUBERNETES_SERVICE_HOST is set): {exc}"
+    kubeconfig = env.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
+    if not all(Path(p).is_file() for p in kubeconfig.split(":") if p):
+        return (f"no Kubernetes cluster to talk to: not in a pod (KUBERNETES_SERVICE_HOST is not set) and "
+                f"no kubeconfig at {kubeconfig}; run in a pod, or set KUBECONFIG")
+    return f"kubeconfig {kubeconfig}: {exc}"
 
 
 @dataclass(frozen=True)

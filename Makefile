@@ -17,11 +17,13 @@ IMAGE ?= proxyctl:0.1.0
 
 deps: system-deps $(INSTALLED)
 
-# nginx with the stream module, and Python with venv when no usable one is on PATH.
+# nginx with the stream module, Python with venv when no usable one is on PATH, and openssl
+# (tests make the test API server's TLS certificate with it).
 system-deps:
 	@missing=""; \
 	if ! command -v nginx >/dev/null 2>&1 || ! [ -e $(STREAM_MODULE) ]; then missing="$$missing $(NGINX_PACKAGES)"; fi; \
 	if [ -z "$$($(FIND_PYTHON))" ]; then missing="$$missing python3 python3-venv"; fi; \
+	if ! command -v openssl >/dev/null 2>&1; then missing="$$missing openssl"; fi; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run make as root to install them with apt-get" >&2; exit 1; fi; \
 		echo "installing with apt-get:$$missing"; \
@@ -42,6 +44,21 @@ test: deps
 
 schema: deps
 	$(PY) -m proxyctl schema > schema/proxyctl.schema.json
+
+# The image: with docker where a daemon answers, else with podman configured by .ci/containers.conf
+# (installed with apt-get when missing, with debian:bookworm-slim made from Debian's archive when
+# it cannot be pulled). Behind a TLS-intercepting proxy, pip in the build needs the CA bundle
+# pip uses here: it is passed as a build secret, so it stays out of the image.
+PIP_CA ?= $(firstword $(wildcard $(PIP_CERT) $(REQUESTS_CA_BUNDLE) $(SSL_CERT_FILE)))
+comma := ,
+CA_SECRET := $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA))
+image:
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
+		set -x; DOCKER_BUILDKIT=1 docker build $(CA_SECRET) -t $(IMAGE) .; \
+	else \
+		export CONTAINERS_CONF="$${CONTAINERS_CONF:-$(CURDIR)/.ci/containers.conf}"; \
+		.ci/debian-base && set -x && podman build --network host --runtime runc $(CA_SECRET) -t $(IMAGE) .; \
+	fi
 
 # Real nginx under proxyctl, a test API server, and DogStatsD traffic on 127.0.0.x only.
 demo: deps

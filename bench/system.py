@@ -40,6 +40,7 @@ REDIS_HAPROXY = [Need("redis-server", "apt-get install -y redis-server"),
                  Need("redis-benchmark", "apt-get install -y redis-tools"),
                  Need("haproxy", "apt-get install -y haproxy")]
 MATPLOTLIB = Need("python:matplotlib", "pip install matplotlib")
+CONTAINER_ENGINE = Need("podman", "make image (it installs podman when there is no docker)")
 
 
 def _first_line(command: Sequence[str]) -> str:

@@ -120,15 +120,36 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_state_dir(state_dir: Path) -> None:
-    """nginx writes its config, pid and temp files there: say so now, not in a traceback later."""
+def _writable(directory: Path) -> str | None:
+    """Why nginx could not write its config, pid and temp files in `directory`, or None when it can."""
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=state_dir):
-            pass
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return None
     except OSError as exc:
-        raise CliError(f"state dir {state_dir} is not writable ({exc.strerror}): mount a writable volume there "
-                       "(an emptyDir, or --tmpfs), or pass --state-dir") from None
+        return exc.strerror or str(exc)
+
+
+def _state_dir(state_dir: Path) -> Path:
+    """`state_dir`; for the default, a private directory in the temp dir when it cannot be written.
+
+    `docker|podman run --read-only --tmpfs /var/run/proxyctl` mounts a tmpfs owned by root
+    with the image directory's mode less the umask (1755), so user 10001 cannot write there.
+    """
+    problem = _writable(state_dir)
+    if problem is None:
+        return state_dir
+    if state_dir == Path(DEFAULT_STATE_DIR):
+        try:
+            fallback = Path(tempfile.mkdtemp(prefix="proxyctl-"))
+        except OSError:
+            pass
+        else:
+            print(f"proxyctl run: state dir {state_dir} is not writable ({problem}); using {fallback}",
+                  file=sys.stderr)
+            return fallback
+    raise CliError(f"state dir {state_dir} is not writable ({problem}): mount a writable volume there "
+                   "(an emptyDir, or --tmpfs DIR:mode=1777), or pass --state-dir")
 
 
 def _check_identity(env: Mapping[str, str]) -> None:
@@ -143,13 +164,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxyctl.sidecar import run
 
     _nginx_stream_module("nginx")
-    _check_state_dir(Path(args.state_dir))
+    state_dir = _state_dir(Path(args.state_dir))
     try:
         Api(os.environ)
     except NoCluster as exc:
         raise CliError(str(exc)) from None
     _check_identity(os.environ)
-    return run(Path(args.config), Path(args.state_dir), args.template and Path(args.template), os.environ)
+    return run(Path(args.config), state_dir, args.template and Path(args.template), os.environ)
 
 
 def _version() -> str:

@@ -60,6 +60,10 @@ image:
 		.ci/debian-base && set -x && podman build --network host --runtime runc $(CA_SECRET) -t $(IMAGE) .; \
 	fi
 
+# A clone run through the README's two commands in a bare Debian 12 container (slow; not in `make test`).
+fresh-debian-check:
+	.ci/fresh-debian-check
+
 # Real nginx under proxyctl, a test API server, and DogStatsD traffic on 127.0.0.x only.
 demo: deps
 	$(PY) examples/demo.py

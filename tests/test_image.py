@@ -8,6 +8,7 @@ and sets PROXYCTL_IMAGE, which turns a skip into a failure).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -145,6 +146,20 @@ class Container:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def test_the_ca_bundle_given_to_the_build_is_not_in_the_image(engine: list[str]) -> None:
+    """`make image` passes this machine's CA bundle for pip as a build secret; no file of the image is it."""
+    bundle = next((Path(os.environ[v]) for v in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+                   if os.environ.get(v) and Path(os.environ[v]).is_file()), None)
+    if bundle is None:
+        pytest.skip("no CA bundle was given to the build")
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    found = subprocess.run([*engine, "run", "--rm", "--user", "0", "--entrypoint", "sh", IMAGE, "-c",
+                            f"find / -xdev -type f -size {bundle.stat().st_size}c -exec sha256sum {{}} +"],
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert digest not in found.stdout, found.stdout
 
 
 def udp_route(name: str, port: int) -> str:

@@ -96,6 +96,7 @@ def _read_endpoints(name: str) -> dict[str, list[Backend]]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    import jinja2
     import urllib3  # the kubernetes client's, imported only where the cluster is asked
     from kubernetes.client.exceptions import ApiException
 
@@ -116,8 +117,28 @@ def cmd_render(args: argparse.Namespace) -> int:
         except (ApiException, urllib3.exceptions.HTTPError, RuntimeError) as exc:
             raise CliError(f"cannot list the pods: {exc}; pass --endpoints FILE to render without a cluster"
                            .replace("\n", " ")) from None
-    sys.stdout.write(render(config, endpoints, Path(args.state_dir), module, args.template and Path(args.template)))
+    template = _template(args.template)
+    try:
+        text = render(config, endpoints, Path(args.state_dir), module, template)
+    except jinja2.TemplateError as exc:  # e.g. a variable the template names that render() does not give
+        raise CliError(f"--template {args.template}: {exc}") from None
+    sys.stdout.write(text)
     return 0
+
+
+def _template(name: str | None) -> Path | None:
+    """`--template`, checked now: a missing file or a syntax error is one line, not a traceback later."""
+    import jinja2
+
+    if name is None:
+        return None
+    try:
+        jinja2.Environment().parse(Path(name).read_text(encoding="utf-8"), filename=name)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--template {name}: {getattr(exc, 'strerror', None) or exc}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise CliError(f"--template {name}:{exc.lineno}: {exc.message}") from None
+    return Path(name)
 
 
 def _writable(directory: Path) -> str | None:
@@ -164,13 +185,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxyctl.sidecar import run
 
     _nginx_stream_module("nginx")
+    template = _template(args.template)
     state_dir = _state_dir(Path(args.state_dir))
     try:
         Api(os.environ)
     except NoCluster as exc:
         raise CliError(str(exc)) from None
     _check_identity(os.environ)
-    return run(Path(args.config), state_dir, args.template and Path(args.template), os.environ)
+    return run(Path(args.config), state_dir, template, os.environ)
 
 
 def _version() -> str:

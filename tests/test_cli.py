@@ -58,6 +58,16 @@ def test_in_a_pod_without_a_service_account_token_it_says_so(tmp_path: Path) -> 
     assert "in-cluster config" in line and "token" in line.lower()
 
 
+def test_run_with_a_kubeconfig_but_no_node_says_to_set_node_name(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text('{"apiVersion": "v1", "kind": "Config", "current-context": "c", '
+                          '"clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}], '
+                          '"users": [{"name": "u", "user": {"token": "t"}}], '
+                          '"contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}')
+    result = proxyctl("run", "--state-dir", tmp_path / "state", env={**ENV_ROUTE, "KUBECONFIG": str(kubeconfig)})
+    assert "set NODE_NAME" in one_line_error(result)
+
+
 def test_render_without_endpoints_outside_a_cluster_says_to_pass_them(tmp_path: Path) -> None:
     line = one_line_error(proxyctl("render", "--config", EXAMPLES / "proxyctl.yaml", home=tmp_path))
     assert "set KUBECONFIG" in line and "pass --endpoints FILE" in line
@@ -100,6 +110,21 @@ def test_nginx_not_on_path_says_what_to_install(tmp_path: Path, command: str) ->
     result = proxyctl(command, "--config", EXAMPLES / "proxyctl.yaml", "--state-dir", tmp_path, *extra,
                       path=str(tmp_path))
     assert "install nginx and libnginx-mod-stream" in one_line_error(result)
+
+
+@pytest.mark.parametrize("command", ["run", "render"])
+def test_a_template_that_is_missing_or_broken_is_one_line(tmp_path: Path, command: str) -> None:
+    (tmp_path / "broken.j2").write_text("stream {\n{% if %}\n}\n")
+    (tmp_path / "unknown.j2").write_text("{{ no_such_variable }}\n")
+    cases = [("missing.j2", "No such file or directory"), ("broken.j2", "broken.j2:2: ")]
+    extra: list[str | Path] = ["--state-dir", tmp_path / "state"]
+    if command == "render":  # a variable the template needs is found only when rendering
+        cases.append(("unknown.j2", "no_such_variable"))
+        extra += ["--endpoints", EXAMPLES / "endpoints.yaml"]
+    for template, says in cases:
+        result = proxyctl(command, "--config", EXAMPLES / "proxyctl.yaml", "--template", tmp_path / template, *extra)
+        line = one_line_error(result)
+        assert f"--template {tmp_path / template}" in line and says in line, line
 
 
 def test_a_state_dir_that_cannot_be_written_is_named(tmp_path: Path) -> None:

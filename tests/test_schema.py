@@ -21,6 +21,9 @@ from hypothesis_jsonschema import from_schema
 from proxyctl.cli import schema
 from proxyctl.config import ConfigError, load_config
 
+# The schema's IP and duration patterns are long; Hypothesis warns when it spells out their strategies.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 SCHEMA = schema()
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 VALID_SELECTORS = ["app=agent", "tier in (a,b),!canary", {"matchLabels": {"app": "agent"}},

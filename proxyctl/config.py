@@ -182,6 +182,7 @@ Protocol = Annotated[
 
 DnsLabel = Annotated[str, WithJsonSchema({"type": "string", "pattern": DNS_LABEL_PATTERN, "maxLength": 63})]
 
+
 def _integral(value: Any) -> Any:
     """8125.0 as 8125: JSON, and so the JSON Schema, counts a number with no fraction as an integer."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -283,9 +284,10 @@ class Config(_Model):
     @classmethod
     def _check_health(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
         try:
-            plain_ip(host.strip("[]"))
-            ok = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+            ip = plain_ip(host[1:-1] if bracketed else host)
+            ok = (":" in ip or not bracketed) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
         except ValueError:
             ok = False
         if not ok:

@@ -106,7 +106,8 @@ IPS = mostly(st.ip_addresses().map(str), st.sampled_from(["localhost", "::1%lo",
 HEALTH = mostly(st.tuples(st.ip_addresses().map(str), st.integers(1, 65_535)).map(
                     lambda pair: f"[{pair[0]}]:{pair[1]}" if ":" in pair[0] else f"{pair[0]}:{pair[1]}"),
                 st.one_of(st.sampled_from(["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "localhost:80", ":80",
-                                           "127.0.0.1:٣"]), st.text(max_size=8)))
+                                           "127.0.0.1:٣", "[127.0.0.1]:80", "[::1:80", "::1]:80", "::1:80"]),
+                          st.text(max_size=8)))
 LABEL = mostly(st.one_of(text_of(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"), st.integers(0, 9),
                          st.booleans(), st.just("")),
                st.sampled_from(["-a", "a/b", "x" * 64, -1, 1e20, None]))

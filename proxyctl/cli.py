@@ -48,7 +48,10 @@ def _yaml_files(paths: Sequence[str]) -> Iterator[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file())
+            if not found:
+                raise CliError(f"{path}: no *.yaml or *.yml file in it")
+            yield from found
         else:
             yield path
 

@@ -208,6 +208,11 @@ def test_other_configmaps_are_skipped(tmp_path: Path, key: str) -> None:
                                                      "or a manifest holding one\n")
 
 
+def test_a_directory_without_yaml_is_an_error_not_a_pass(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("no YAML here")
+    assert one_line_error(proxyctl("validate", tmp_path)).endswith(f"{tmp_path}: no *.yaml or *.yml file in it\n")
+
+
 def test_a_path_that_does_not_exist_fails_without_a_traceback(tmp_path: Path) -> None:
     line = one_line_error(proxyctl("validate", tmp_path / "nope.yaml"))
     assert line == f"{tmp_path / 'nope.yaml'}: cannot read: No such file or directory\n"

@@ -10,6 +10,7 @@ bounded amount of time and memory to reject, nor end in anything but a `ConfigEr
 
 from __future__ import annotations
 
+import difflib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,8 +56,46 @@ MAX_PROBLEMS = 20
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
+_DURATION = re.compile(r"^([0-9]+)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# --- patterns for the JSON Schema: the loader accepts exactly what they match --------------
+
+
+def _one_to(n: int) -> str:
+    """A regex for the decimal numbers 1 to `n`, leading zeros allowed, as int() reads them."""
+    digits = str(n)
+    alternatives = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for i, digit in enumerate(digits):  # same length as n: n's prefix, then a smaller digit, then any
+        low, rest = (1 if i == 0 else 0), len(digits) - i - 1
+        if int(digit) > low:
+            alternatives.append(f"{digits[:i]}[{low}-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "0*(" + "|".join([*alternatives, digits]) + ")"
+
+
+def _ipv6() -> str:
+    """RFC 3986's IPv6address: every text form ipaddress accepts, without a zone."""
+    h16, octet = "[0-9A-Fa-f]{1,4}", "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+    ls32 = rf"({h16}:{h16}|{octet}(\.{octet}){{3}})"
+    forms = [f"({h16}:){{6}}{ls32}", f"::({h16}:){{5}}{ls32}", f"({h16})?::({h16}:){{4}}{ls32}"]
+    forms += [f"(({h16}:){{0,{i}}}{h16})?::({h16}:){{{3 - i}}}{ls32}" for i in (1, 2)]
+    forms += [f"(({h16}:){{0,3}}{h16})?::{h16}:{ls32}", f"(({h16}:){{0,4}}{h16})?::{ls32}",
+              f"(({h16}:){{0,5}}{h16})?::{h16}", f"(({h16}:){{0,6}}{h16})?::"]
+    return "(" + "|".join(forms) + ")"
+
+
+def _whole(pattern: str) -> str:
+    """Anchored at both ends: `(?!\\n)` since Python's `$` (jsonschema uses `re`) matches before a final newline."""
+    return f"^({pattern})$(?!\\n)"
+
+
+_IPV4 = r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IP_PATTERN = _whole(f"{_IPV4}|{_ipv6()}")
+HEALTH_PATTERN = _whole(f"({_IPV4}|\\[{_ipv6()}\\]|{_ipv6()}):{_one_to(65535)}")
+DURATION_PATTERN = _whole(f"{_one_to(86_400_000)}ms|{_one_to(86_400)}s|{_one_to(1440)}m|{_one_to(24)}h")
+DNS_LABEL_PATTERN = _whole("[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+PORT_NAME_PATTERN = _whole("([0-9]+-)*[0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*")  # single dashes, a letter somewhere
 
 
 # --- field types -------------------------------------------------------------------
@@ -79,34 +118,49 @@ def _wrap_selector_error(value: Any) -> Selector:
         raise ValueError(str(exc)) from None
 
 
+# Label keys and values as selector.py checks them (a key's prefix may be at most 253 characters: not checked
+# here). YAML numbers and booleans are read as the strings they spell.
+_LABEL_NAME = "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = _whole(f"(([a-z0-9]([-a-z0-9]*[a-z0-9])?\\.)*[a-z0-9]([-a-z0-9]*[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = {"type": ["string", "number", "boolean"], "pattern": _whole(f"({_LABEL_NAME})?")}
+
 SelectorField = Annotated[
     Selector,
     PlainValidator(_wrap_selector_error),
     PlainSerializer(str, return_type=str),
     WithJsonSchema(
         {
-            "description": "Kubernetes label selector: 'a=b,c in (x,y),!d', or matchLabels/matchExpressions",
+            "description": "Kubernetes label selector: 'a=b,c in (x,y),!d', or matchLabels/matchExpressions. "
+                           "The string's syntax is checked by proxyctl validate, not by this schema",
             "oneOf": [
                 {"type": "string", "minLength": 1},
                 {
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "matchLabels": {"type": ["object", "null"], "propertyNames": {"pattern": _LABEL_KEY},
+                                        "additionalProperties": _LABEL_VALUE},
                         "matchExpressions": {
-                            "type": "array",
+                            "type": ["array", "null"],
                             "items": {
                                 "type": "object",
                                 "additionalProperties": False,
                                 "required": ["key", "operator"],
                                 "properties": {
-                                    "key": {"type": "string"},
+                                    "key": {"type": ["string", "number", "boolean"], "pattern": _LABEL_KEY},
                                     "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                                    "values": {"type": "array", "items": {"type": "string"}},
+                                    "values": {"type": ["array", "null"], "items": _LABEL_VALUE},
                                 },
+                                "if": {"properties": {"operator": {"enum": ["In", "NotIn"]}}},
+                                "then": {"required": ["values"], "properties": {"values": {"minItems": 1}}},
+                                "else": {"properties": {"values": {"maxItems": 0}}},
                             },
                         },
                     },
+                    "anyOf": [  # an empty selector would match every pod
+                        {"required": ["matchLabels"], "properties": {"matchLabels": {"minProperties": 1}}},
+                        {"required": ["matchExpressions"], "properties": {"matchExpressions": {"minItems": 1}}},
+                    ],
                 },
             ],
         }
@@ -132,14 +186,31 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    WithJsonSchema({"type": "string", "pattern": _DURATION.pattern, "examples": ["10s", "5m"]}),
+    WithJsonSchema({"oneOf": [{"type": "string", "pattern": DURATION_PATTERN, "examples": ["500ms", "10s", "5m"]},
+                              {"type": "number", "minimum": 0.001, "maximum": MAX_DURATION,
+                               "description": "seconds"}]}),
 ]
 
-Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+Protocol = Annotated[
+    Literal["udp", "tcp"],
+    BeforeValidator(lambda value: value.lower() if value in ("UDP", "TCP") else value),  # Kubernetes' spelling
+    WithJsonSchema({"enum": ["udp", "tcp", "UDP", "TCP"]}),
+]
+
+DnsLabel = Annotated[str, WithJsonSchema({"type": "string", "pattern": DNS_LABEL_PATTERN, "maxLength": 63})]
+
+
+def _integral(value: Any) -> Any:
+    """8125.0 as 8125: JSON, and so the JSON Schema, counts a number with no fraction as an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Port = Annotated[int, Field(ge=1, le=65535, strict=True), BeforeValidator(_integral)]
 
 
 def _check_target_port(value: Any) -> int | str:
     """A port number, or a container port name (IANA_SVC_NAME) resolved per pod."""
+    value = _integral(value)
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
     if isinstance(value, str) and (
@@ -153,7 +224,7 @@ TargetPort = Annotated[
     int | str,
     PlainValidator(_check_target_port),
     WithJsonSchema({"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
-                              {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 15}]}),
+                              {"type": "string", "pattern": PORT_NAME_PATTERN, "maxLength": 15}]}),
 ]
 
 
@@ -167,17 +238,24 @@ class _Model(BaseModel):
 class Route(_Model):
     """One local port forwarded to the pods a selector picks."""
 
-    name: str | None = Field(None, description="[a-z0-9-]; default '<protocol>-<port>'; unique")
+    model_config = ConfigDict(json_schema_extra={"allOf": [  # what _check_protocol_options says
+        {"if": {"properties": {"protocol": {"enum": ["udp", "UDP"]}}},
+         "then": {"properties": {"balance": {"not": {"const": "least_conn"}}}}},
+        {"if": {"properties": {"protocol": {"enum": ["tcp", "TCP"]}}},
+         "then": {"properties": {"udpResponses": {"const": 0}}}},
+    ]})
+
+    name: DnsLabel | None = Field(None, description="[a-z0-9-]; default '<protocol>-<port>'; unique")
     port: Port = Field(description="local listening port in the application's pod")
-    protocol: Literal["udp", "tcp"]
+    protocol: Protocol
     selector: SelectorField
-    namespace: str | None = Field(None, description="namespace of the pods; default: the sidecar's own")
+    namespace: DnsLabel | None = Field(None, description="namespace of the pods; default: the sidecar's own")
     target_port: TargetPort | None = Field(None, description="number or named container port; default: port")
     when_no_local_pod: Literal["reject", "anyNode"] = "reject"
     balance: Literal["round_robin", "least_conn", "hash"] = Field(
         "round_robin", description="hash: on the client's address and port, so each client socket stays on one "
         "backend (every client of the sidecar has the address 127.0.0.1)")
-    udp_responses: Annotated[int, Field(ge=0, strict=True)] = 0
+    udp_responses: Annotated[int, Field(ge=0, strict=True), BeforeValidator(_integral)] = 0
     timeout: Duration | None = Field(None, description="idle timeout, e.g. '10s'")
     drain_timeout: Duration = Field(30.0, description="after a change of this route, connections its old nginx "
                                                       "worker still holds are closed within this; default 30s")
@@ -208,10 +286,12 @@ class Config(_Model):
     """The whole file: the routes and the sidecar's own settings."""
 
     routes: list[Route] = Field(min_length=1)
-    listen_address: str = Field("127.0.0.1", description="address nginx listens on; unset: 127.0.0.1 and, "
-                                "where the pod has it, ::1; 0.0.0.0 must be asked for")
+    listen_address: Annotated[str, WithJsonSchema({"type": "string", "pattern": IP_PATTERN})] = Field(
+        "127.0.0.1", description="address nginx listens on; unset: 127.0.0.1 and, where the pod has it, ::1; "
+        "0.0.0.0 must be asked for")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    health: str = Field("127.0.0.1:9901", description="host:port of the health and metrics server")
+    health: Annotated[str, WithJsonSchema({"type": "string", "pattern": HEALTH_PATTERN})] = Field(
+        "127.0.0.1:9901", description="IP:PORT of the health and metrics server")
     watch_timeout: Duration = Field(300.0, description="each watch is asked to end within this; default 5m")
 
     @field_validator("listen_address")
@@ -226,9 +306,10 @@ class Config(_Model):
     @classmethod
     def _check_health(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
         try:
-            plain_ip(host.strip("[]"))
-            ok = port.isdigit() and 1 <= int(port) <= 65535
+            ip = plain_ip(host[1:-1] if bracketed else host)
+            ok = (":" in ip or not bracketed) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
         except ValueError:
             ok = False
         if not ok:
@@ -635,20 +716,43 @@ def _manifests(documents: list[Any]) -> list[Any]:
     return [d for d in documents if isinstance(d, Mapping) and "apiVersion" in d and "kind" in d]
 
 
+def _near_miss(key: Any) -> bool:
+    """`proxyctl.yml`, `proxctl.yaml`, `Proxyctl.yaml`: meant as the config's key, so not to be skipped."""
+    key = str(key).lower()
+    return key.startswith("proxyctl") or difflib.SequenceMatcher(None, key, CONFIGMAP_KEY).ratio() >= 0.9
+
+
 def _looks_like_ours(manifest: Mapping[str, Any]) -> bool:
-    """A ConfigMap with a `proxyctl.*` key: a misspelt key must not be skipped silently."""
+    """A ConfigMap with the config's key or a near miss of it: a misspelt key must not be skipped silently."""
     data = manifest.get("data")
-    return manifest.get("kind") == "ConfigMap" and isinstance(data, Mapping) and any(
-        str(key).startswith("proxyctl") for key in data)
+    return manifest.get("kind") == "ConfigMap" and isinstance(data, Mapping) and any(map(_near_miss, data))
 
 
-def holds_config(text: str) -> bool:
+def _looks_like_config_file(documents: list[Any], source: str) -> bool:
+    """A file named `proxyctl*`, or one mapping with `routes` (or a near miss) or only the config's keys.
+
+    Other YAML (a Helm values file, `--endpoints` backends) is not a config with mistakes in it.
+    """
+    if Path(source).name.lower().startswith("proxyctl"):
+        return True
+    if len(documents) != 1 or not isinstance(documents[0], Mapping) or not documents[0]:
+        return False
+    keys = {str(key) for key in documents[0]}
+    ours = {field.alias or name for name, field in Config.model_fields.items()}
+    return keys <= ours or bool(difflib.get_close_matches("routes", [k.lower() for k in keys], cutoff=0.8))
+
+
+def holds_config(text: str, source: str = "") -> bool:
     """Whether `validate` has anything to check: a config file, or a manifest holding one."""
     try:
-        manifests = _manifests(_documents(text, ""))
-    except ConfigError:
-        return True  # a config file, with errors
-    return not manifests or any(_looks_like_ours(m) for m in manifests)
+        documents = _documents(text, "")
+    except ConfigError:  # reported with its location, if it seems meant for us
+        return ("routes" in text or "proxyctl" in text.lower()  # not a Helm template, say
+                or Path(source).name.lower().startswith("proxyctl"))
+    manifests = _manifests(documents)
+    if manifests:
+        return any(_looks_like_ours(m) for m in manifests)
+    return _looks_like_config_file(documents, source)
 
 
 def check_file(text: str, source: str) -> list[Problem]:
@@ -679,8 +783,10 @@ def _check_file(text: str, source: str) -> list[Problem]:
     for manifest in filter(_looks_like_ours, manifests):
         data = manifest["data"]
         if CONFIGMAP_KEY not in data:
-            line, column = data.lc.line + 1, data.lc.col + 1
-            problems.append(Problem(source, line, column, "data", f"the config must be under the key {CONFIGMAP_KEY!r}"))
+            key = next(k for k in data if _near_miss(k))
+            line, column = _key_position(data, key) or (data.lc.line + 1, data.lc.col + 1)
+            problems.append(Problem(source, line, column, f"data.{key}",
+                                    f"the config must be under the key {CONFIGMAP_KEY!r}, not {key!r}"))
             continue
         value_line, value_column = data.lc.value(CONFIGMAP_KEY)
         try:

@@ -13,6 +13,7 @@ import urllib3
 from kubernetes.client.api_client import ApiClient
 from kubernetes.client.configuration import Configuration
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
 
 log = logging.getLogger("proxyctl.kube")
 
@@ -116,14 +117,17 @@ class Api:
         Made anew after a 401, so that a rotated token (file) is read again.
         """
         configuration = Configuration()
-        if env.get("KUBERNETES_SERVICE_HOST"):
-            from kubernetes.config.incluster_config import load_incluster_config
+        try:
+            if env.get("KUBERNETES_SERVICE_HOST"):
+                from kubernetes.config.incluster_config import load_incluster_config
 
-            load_incluster_config(client_configuration=configuration)
-        else:  # only here: the kubeconfig loader brings requests, oauthlib and yaml (see proxyctl/__init__.py)
-            from kubernetes.config.kube_config import load_kube_config
+                load_incluster_config(client_configuration=configuration)
+            else:  # only here: the kubeconfig loader brings requests, oauthlib and yaml (see proxyctl/__init__.py)
+                from kubernetes.config.kube_config import load_kube_config
 
-            load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+                load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=configuration)
+        except (ConfigException, OSError) as exc:
+            raise NoCluster(_no_cluster_reason(env, exc)) from None
         # urllib3 would retry a failed connect three times by itself, hiding a dead API server
         # behind long waits; our watches have their own backoff.
         configuration.retries = False
@@ -151,6 +155,20 @@ class Api:
             return json.loads(data)
         except ValueError as exc:
             raise MalformedAnswer(f"{path}: not JSON: {exc}") from None
+
+
+class NoCluster(CredentialsError):
+    """No usable way to reach an API server: not in a pod, and no (valid) kubeconfig."""
+
+
+def _no_cluster_reason(env: Mapping[str, str], exc: Exception) -> str:
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return f"in-cluster config (KUBERNETES_SERVICE_HOST is set): {exc}"
+    kubeconfig = env.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
+    if not all(Path(p).is_file() for p in kubeconfig.split(":") if p):
+        return (f"no Kubernetes cluster to talk to: not in a pod (KUBERNETES_SERVICE_HOST is not set) and "
+                f"no kubeconfig at {kubeconfig}; run in a pod, or set KUBECONFIG")
+    return f"kubeconfig {kubeconfig}: {exc}"
 
 
 @dataclass(frozen=True)

@@ -250,13 +250,8 @@ def _identity(env: Mapping[str, str], stopping: threading.Event) -> Identity | N
         delay = min(10.0, delay * 2)
 
 
-def run(config_path: Path, state_dir: Path, template: Path | None, env: Mapping[str, str]) -> int:
-    logs.setup("info", env)
-    try:
-        config = read_config(config_path, env)
-    except ConfigError as exc:
-        log.error("invalid config, not starting:\n%s", exc)
-        return 1
+def run(config_path: Path, config: Config, state_dir: Path, template: Path | None, env: Mapping[str, str]) -> int:
+    """The sidecar, from `config` as read from `config_path` (the CLI read it, to report its errors first)."""
     logs.setup(config.log_level, env)
     try:
         claim(state_dir)  # held until the process ends

@@ -24,6 +24,8 @@ import os
 import re
 import select
 import socket
+import ssl
+import subprocess
 import struct
 import sys
 import threading
@@ -407,12 +409,20 @@ class _HTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that can close every client connection on stop,
     as a real API server going down does (idle keep-alive ones included)."""
 
-    def __init__(self, address: tuple[str, int], api: KubeApiServer) -> None:
+    def __init__(self, address: tuple[str, int], api: KubeApiServer, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, _Handler)
         self.api = api
+        self.tls = tls
         self.stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """With TLS, the handshake happens in the handler's thread, on its first read."""
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
@@ -589,7 +599,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not readable:
             return False
         try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            # socket.socket.recv: the TCP stream itself, also under TLS (SSLSocket refuses flags).
+            return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 
@@ -614,8 +625,9 @@ class KubeApiServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "test-token",
-                 bookmark_interval: float | None = 1.0) -> None:
+                 bookmark_interval: float | None = 1.0, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.tls = tls
         self.port = port  # replaced by the real port on first start() when 0
         self.bookmark_interval = bookmark_interval
         self.stall_watches = False
@@ -646,13 +658,13 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> None:
         """Listen (again, on the same port after a stop()) and serve in a thread."""
         if self._httpd is not None:
             return
-        httpd = _HTTPServer((self.host, self.port), self)
+        httpd = _HTTPServer((self.host, self.port), self, self.tls)
         self.port = httpd.server_address[1]
         self._httpd = httpd
         self._serve_thread = threading.Thread(
@@ -714,7 +726,9 @@ class KubeApiServer:
 
     def _token_accepted(self, authorization: str | None) -> bool:
         with self._lock:
-            return authorization == f"Bearer {self._token}"
+            # The scheme is case-insensitive (RFC 7235); the in-cluster client sends "bearer".
+            scheme, _, token = (authorization or "").partition(" ")
+            return scheme.lower() == "bearer" and token == self._token
 
     # -- pods --------------------------------------------------------------
 
@@ -987,6 +1001,17 @@ class KubeApiServer:
         if code == 500:
             return status_object(500, "Internal error occurred: injected failure")
         return status_object(code, f"injected failure with status {code}")
+
+
+def self_signed_tls(directory: str | os.PathLike[str], ip: str = "127.0.0.1") -> tuple[ssl.SSLContext, str]:
+    """A server context with a new self-signed certificate for `ip`, and the certificate's path (the CA)."""
+    cert, key = os.path.join(directory, "apiserver.crt"), os.path.join(directory, "apiserver.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=kube-apiserver", "-addext", f"subjectAltName=IP:{ip}",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
 
 
 @pytest.fixture

@@ -114,7 +114,7 @@ def test_validate_gives_one_located_line_per_bad_file_and_no_traceback(tmp_path:
             paths.append((tmp_path / f"{i}.yaml", says))
             paths[-1][0].write_bytes(data)
     (tmp_path / "dir.yaml").mkdir()
-    paths += [(tmp_path / "dir.yaml", "cannot read: Is a directory"),
+    paths += [(tmp_path / "dir.yaml", "no *.yaml or *.yml file in it"),
               (tmp_path / "missing.yaml", "cannot read: No such file or directory")]
     result = run("validate", *(str(p) for p, _ in paths))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

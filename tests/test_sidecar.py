@@ -202,7 +202,9 @@ def test_the_original_env_var_pod_forwards_dogstatsd_from_a_real_client(kube_api
     proxyctl(env={"PORT": str(port), "SELECTOR": "app=dd-agent", "PROTOCOL": "udp", "NAMESPACE": NS,
                   "MY_POD_NAME": "myapp", "MY_POD_NAMESPACE": "default", "NODE_NAME": ""})
 
-    statsd = DogStatsd(host="127.0.0.1", port=port, disable_telemetry=True, disable_buffering=True)
+    # Inside a container the client would append its container id (`|c:...`, origin detection).
+    statsd = DogStatsd(host="127.0.0.1", port=port, disable_telemetry=True, disable_buffering=True,
+                       origin_detection_enabled=False)
     statsd.increment("page.views", tags=["env:test"])
     statsd.gauge("queue.depth", 7)
     wait_for(lambda: len(sink.received) == 2, 5, what="both metrics at the local agent")

@@ -158,7 +158,12 @@ class Sidecar:
     def run(self, me: Identity) -> int:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
-        server = health.serve(self.config.health, self.status)
+        try:
+            server = health.serve(self.config.health, self.status)
+        except OSError as exc:  # the port is taken, or the address is not this pod's
+            log.error("cannot serve health on %s: %s", self.config.health, exc.strerror or exc)
+            self.discovery.stop()
+            return 1
         try:
             return self._serve()
         except Exception as exc:  # noqa: BLE001 - before the loop runs: nothing serves yet, so say it and exit

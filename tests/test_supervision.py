@@ -152,6 +152,20 @@ def test_a_state_dir_it_cannot_write_is_one_clear_line_and_exit_1_before_any_wat
         and "Not a directory" in lines[0], lines
 
 
+def test_a_health_port_already_taken_is_one_clear_line_and_exit_1(kube_api: KubeApiServer, tmp_path: Path,
+                                                                   again) -> None:
+    sidecar = Proxyctl(tmp_path / "p", kube_api, routes(free_port()))
+    again.append(sidecar)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", sidecar.health_port))
+        taken.listen()
+        sidecar.start(wait_ready=False)
+        assert sidecar.process.wait(20) == 1
+    log = sidecar.log()
+    assert f"cannot serve health on 127.0.0.1:{sidecar.health_port}: Address already in use" in log, log
+    assert "Traceback" not in log, log
+
+
 def test_hup_usr1_usr2_do_not_stop_it_and_quit_stops_it_like_term(kube_api: KubeApiServer, proxyctl,
                                                                   udp_sinks) -> None:
     port = free_port()

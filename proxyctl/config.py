@@ -11,6 +11,7 @@ bounded amount of time and memory to reject, nor end in anything but a `ConfigEr
 from __future__ import annotations
 
 import difflib
+import errno
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -341,6 +342,13 @@ class ConfigError(Exception):
     def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = first_problems(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ConfigUnreadable(ConfigError):
+    """The file could not be read for want of a resource (file descriptors, memory): not the config's fault."""
+
+
+_SHORT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR}
 
 
 def first_problems(problems: Iterable[Problem]) -> list[Problem]:
@@ -679,7 +687,8 @@ def read_text(path: Path, source: str | None = None, missing_ok: bool = False) -
             return ""
         raise ConfigError([Problem(source, None, None, "", f"cannot read: {exc.strerror}")]) from None
     except OSError as exc:
-        raise ConfigError([Problem(source, None, None, "", f"cannot read: {exc.strerror or exc}")]) from None
+        error = ConfigUnreadable if exc.errno in _SHORT_OF_RESOURCES else ConfigError
+        raise error([Problem(source, None, None, "", f"cannot read: {exc.strerror or exc}")]) from None
     if len(data) > MAX_FILE_BYTES:
         message = f"larger than {MAX_FILE_BYTES // 1024} KiB: not read (a config of 400 routes is smaller)"
         raise ConfigError([Problem(source, None, None, "", message)])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 from proxyctl import health, logs
-from proxyctl.config import Config, ConfigError, read_config
+from proxyctl.config import Config, ConfigError, ConfigUnreadable, read_config
 from proxyctl.configwatch import watch_config
 from proxyctl.dataplane import DataPlane, Wanted, describe
 from proxyctl.discovery import Discovery
@@ -104,12 +104,12 @@ class Sidecar:
                 self.config_valid = True
                 return
             self.dataplane.test(self._wanted(candidate))
-        except (ConfigError, NginxError) as exc:
-            self._reject(exc)
-            return
-        except OSError as exc:  # e.g. out of file descriptors: not the config's fault
+        except (ConfigUnreadable, OSError) as exc:  # e.g. out of file descriptors: not the config's fault
             log.error("cannot check the config file now, trying again in %gs: %s", CONFIG_RETRY, describe(exc))
             self._reread_at = time.monotonic() + CONFIG_RETRY
+            return
+        except (ConfigError, NginxError) as exc:
+            self._reject(exc)
             return
         log.info("config accepted: %d route(s)", len(candidate.routes))
         if candidate.health != self.config.health:

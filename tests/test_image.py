@@ -192,7 +192,7 @@ def test_the_image_forwards_follows_a_config_swap_and_stops_on_sigterm(engine: l
         state = re.search(r"using (/\S+)", container.log())
         state_dir = state.group(1) if state else "/var/run/proxyctl"
         assert container.exec("stat", "-f", "-c", "%T", state_dir).stdout.strip() == "tmpfs", container.log()
-        assert container.exec("test", "-s", f"{state_dir}/nginx.conf").returncode == 0
+        assert container.exec("test", "-s", f"{state_dir}/routes/statsd/nginx.conf").returncode == 0
         assert any(r.status == 200 for r in server.requests), "no request of the container was answered"
 
         wait_for(lambda: (send(first, b"one:1|c"), sinks[0].received)[1], 10, what="a datagram at the agent")

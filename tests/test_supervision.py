@@ -148,8 +148,7 @@ def test_a_state_dir_it_cannot_write_is_one_clear_line_and_exit_1_before_any_wat
     sidecar.start(wait_ready=False)
     assert sidecar.process.wait(10) == 1
     lines = sidecar.log().splitlines()
-    assert len(lines) == 1 and f"cannot use state dir {blocker / 'state'}: " in lines[0] \
-        and "Not a directory" in lines[0], lines
+    assert len(lines) == 1 and f"state dir {blocker / 'state'} is not writable (Not a directory)" in lines[0], lines
 
 
 def test_a_health_port_already_taken_is_one_clear_line_and_exit_1(kube_api: KubeApiServer, tmp_path: Path,

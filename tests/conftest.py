@@ -10,9 +10,11 @@ from hypothesis import settings
 
 from proxyctl.backend import Backend
 from proxyctl.config import Config
+from proxyctl.discovery import Discovery
+from proxyctl.kube import Identity
 from proxyctl.nginx import Nginx, stream_module
 from proxyctl.render import render
-from tests.kubeapi import kube_api  # noqa: F401  (fixture)
+from tests.kubeapi import KubeApiServer, kube_api  # noqa: F401  (fixture)
 from tests.harness import Proxyctl
 from tests.support import TcpEcho, UdpSink
 
@@ -24,6 +26,7 @@ settings.load_profile("gate")
 
 Server = TypeVar("Server", UdpSink, TcpEcho)
 RunNginx = Callable[[Config, Mapping[str, Sequence[Backend]]], Nginx]
+MakeDiscovery = Callable[..., Discovery]
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +87,28 @@ def proxyctl(tmp_path: Path, kube_api) -> Iterator[Callable[..., Proxyctl]]:
     yield make
     for process in made:
         process.kill()
+
+
+@pytest.fixture
+def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]:
+    """Start a Discovery for a config, as node-a, with the API server's kubeconfig; stopped at the end."""
+    started: list[Discovery] = []
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def make(config: Config, watch_timeout: float | None = None, env: dict[str, str] | None = None) -> Discovery:
+        if watch_timeout is not None:
+            config = config.model_copy(update={"watch_timeout": watch_timeout})
+        discovery = Discovery(env or {"KUBECONFIG": kubeconfig}, Identity("node-a", "default"),
+                              config.watch_timeout, lambda: None)
+        discovery.set_config(config)
+        started.append(discovery)
+        return discovery
+
+    yield make
+    for discovery in started:
+        discovery.stop()
+
+
+def backends(discovery: Discovery, route: str = "dogstatsd") -> list[str]:
+    """What `discovery` says `route` forwards to now, as text."""
+    return [str(b) for b in discovery.endpoints().get(route, [])]

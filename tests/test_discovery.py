@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -16,14 +15,12 @@ from proxyctl.config import Config, load_config
 from proxyctl import discovery as discovery_module
 from proxyctl.backend import Backend
 from proxyctl.discovery import Discovery
-from proxyctl.kube import Identity
+from tests.conftest import backends
 from tests.kubeapi import KubeApiServer
 from tests.support import wait_for
 
 NS = "kube-system"
 AGENT = {"app": "dd-agent"}
-
-MakeDiscovery = Callable[..., Discovery]
 
 
 def routes(*lines: str, extra: str = "") -> Config:
@@ -31,29 +28,6 @@ def routes(*lines: str, extra: str = "") -> Config:
 
 
 DOGSTATSD = "{name: dogstatsd, port: 8125, protocol: udp, selector: app=dd-agent, namespace: kube-system}"
-
-
-@pytest.fixture
-def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]:
-    """Start a Discovery for some routes, as node-a, with the API server's kubeconfig."""
-    started: list[Discovery] = []
-    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
-
-    def make(config: Config, watch_timeout: float = 60.0, env: dict[str, str] | None = None) -> Discovery:
-        config = config.model_copy(update={"watch_timeout": watch_timeout})
-        discovery = Discovery(env or {"KUBECONFIG": kubeconfig}, Identity("node-a", "default"), watch_timeout,
-                              lambda: None)
-        discovery.set_config(config)
-        started.append(discovery)
-        return discovery
-
-    yield make
-    for discovery in started:
-        discovery.stop()
-
-
-def backends(discovery: Discovery, route: str = "dogstatsd") -> list[str]:
-    return [str(b) for b in discovery.endpoints().get(route, [])]
 
 
 def test_only_local_ready_matching_live_pods_with_an_ip_are_backends(kube_api: KubeApiServer, discover) -> None:

@@ -7,15 +7,14 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import urllib3
 
 from proxyctl.config import Config, load_config
-from proxyctl.discovery import Discovery
-from proxyctl.kube import Gone, Identity, StatusError
+from proxyctl.kube import Gone, StatusError
 from proxyctl.watch import Backoff, MalformedEvent, WatchKey, _lines, event
+from tests.conftest import MakeDiscovery, backends
 from tests.kubeapi import KubeApiServer
 from tests.support import wait_for
 
@@ -24,33 +23,10 @@ AGENT = {"app": "dd-agent"}
 DOGSTATSD = "{name: dogstatsd, port: 8125, protocol: udp, selector: app=dd-agent, namespace: kube-system}"
 KEY = WatchKey(NS, "app=dd-agent", "node-a")
 
-MakeDiscovery = Callable[..., Discovery]
-
 
 def routes(*lines: str, watch_timeout: float = 60.0) -> Config:
     """A config of these routes, with `watchTimeout` in seconds."""
     return load_config(f"watchTimeout: {watch_timeout}\nroutes:\n" + "".join(f"  - {line}\n" for line in lines))
-
-
-@pytest.fixture
-def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]:
-    """Start a Discovery for some routes, as node-a, with the API server's kubeconfig."""
-    started: list[Discovery] = []
-
-    def make(config: Config, env: dict[str, str] | None = None) -> Discovery:
-        env = env or {"KUBECONFIG": kube_api.write_kubeconfig(tmp_path / "kubeconfig")}
-        discovery = Discovery(env, Identity("node-a", "default"), config.watch_timeout, lambda: None)
-        discovery.set_config(config)
-        started.append(discovery)
-        return discovery
-
-    yield make
-    for discovery in started:
-        discovery.stop()
-
-
-def backends(discovery: Discovery, route: str = "dogstatsd") -> list[str]:
-    return [str(b) for b in discovery.endpoints().get(route, [])]
 
 
 def watch_versions(kube_api: KubeApiServer) -> list[str]:

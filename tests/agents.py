@@ -192,7 +192,8 @@ class Load:
 
 def dogstatsd_load(port: int, rate: float) -> Load:
     """`rollout:1|c|#seq:N` datagrams from the DogStatsd client to 127.0.0.1:port."""
-    client = DogStatsd(host="127.0.0.1", port=port, disable_telemetry=True)
+    client = DogStatsd(host="127.0.0.1", port=port, disable_telemetry=True,
+                       origin_detection_enabled=False)  # inside a container it would tag each datagram with the container id
     return Load(rate, lambda n: client.increment("rollout", tags=[f"seq:{n}"]), client.close_socket)
 
 

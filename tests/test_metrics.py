@@ -149,7 +149,8 @@ def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_si
     port = free_port()
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
     udp_sinks("127.0.0.2", port)
-    sidecar = proxyctl(routes(port, free_port()))
+    tcp_echoes("127.0.0.2", port)
+    sidecar = proxyctl(routes(port))
     kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
     wait_for(lambda: sidecar.metric("proxyctl_last_reload_duration_seconds") is not None, 5, what="a reload")
     result = subprocess.run(["promtool", "check", "metrics"], input=sidecar.get("/metrics")[1],

@@ -311,11 +311,13 @@ class Discovery:
             return frozenset(self._on_fallback)
 
     def watch_ages(self) -> dict[str, float]:
-        """route → seconds since its watch of this node's pods last heard from the API."""
+        """route → seconds since its watch of this node's pods last heard from the API: a list,
+        an event, a bookmark, or a watch that ended when asked; a connection that only stays
+        open does not count, so a stalled API shows."""
         now = time.monotonic()
         with self._lock:
             watches = {r.key: self.watches.get(WatchKey.of(r, self.me)) for r in self._routes}
-            return {route: now - watch.last_activity for route, watch in watches.items() if watch is not None}
+            return {route: now - watch.last_heard for route, watch in watches.items() if watch is not None}
 
     def stalled(self) -> list[str]:
         with self._lock:

@@ -72,7 +72,8 @@ def metrics(status: Status, traffic: list[RouteTraffic] | None = None) -> str:
                      "1 while an anyNode route forwards to other nodes' pods for lack of a local one.",
                      [(r.name, int(r.name in status.on_fallback)) for r in status.routes])
     lines += _family("proxyctl_watch_last_event_age_seconds", "gauge",
-                     "seconds since the route's pod watch last heard from the API (a list, event or bookmark).",
+                     "seconds since the route's pod watch last heard from the API: a list, event, bookmark or "
+                     "a watch that ended when asked.",
                      sorted(status.watch_ages.items()))
     if status.last_reload_seconds is not None and status.last_reload_at is not None:
         lines += _family("proxyctl_last_reload_duration_seconds", "gauge",

@@ -166,3 +166,32 @@ def test_label_values_are_escaped_as_the_text_format_wants() -> None:
     for name in ("proxyctl_route_backends", "proxyctl_route_on_fallback", "proxyctl_watch_last_event_age_seconds"):
         (sample,) = families[name].samples
         assert sample.labels == {"route": odd}
+
+
+def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
+        kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
+    """Each silent watch is replaced after 1.5 × watchTimeout, so /healthz never sees one silent for 2 ×;
+    the age says how long the pods have not been heard of."""
+    watch_timeout = 1.0
+    port = free_port()
+    udp_sinks("127.0.0.2", port)
+    tcp_echoes("127.0.0.2", port)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(f"watchTimeout: {watch_timeout:g}s\n" + routes(port))
+
+    def age() -> float:
+        value = sidecar.metric("proxyctl_watch_last_event_age_seconds", '{route="statsd"}')
+        assert value is not None
+        return value
+
+    assert age() < watch_timeout
+    watches = kube_api.count(watch=True)
+    kube_api.stall_watches = True
+    try:
+        wait_for(lambda: age() > 2.5 * watch_timeout, 10, interval=0.1, what="the watch age past 2.5 × watchTimeout")
+        assert sidecar.get("/healthz")[0] == 200
+        assert kube_api.count(watch=True) > watches  # replaced meanwhile: a connection answered is not news
+    finally:
+        kube_api.stall_watches = False
+    kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
+    wait_for(lambda: age() < watch_timeout, 10, interval=0.1, what="the age back under watchTimeout")

@@ -15,6 +15,7 @@ socket took after the last scrape are not seen.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import struct
 import threading
@@ -26,6 +27,8 @@ UDP_TABLES = ("/proc/net/udp", "/proc/net/udp6")
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 RMEM_MAX = "/proc/sys/net/core/rmem_max"
 ESTABLISHED = 0x01  # include/net/tcp_states.h
+
+log = logging.getLogger("proxyctl.traffic")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -130,6 +133,7 @@ class Meter:
 
     def __init__(self) -> None:
         self._drops: dict[str, RunningTotal] = {}
+        self._dropping: set[str] = set()  # routes whose drops rose at the latest scrape: said once per spell
         self._lock = threading.Lock()  # two scrapes at once must not count a delta twice
 
     @staticmethod
@@ -158,8 +162,21 @@ class Meter:
         with self._lock:
             for name, protocol, port in routes:
                 if protocol == "udp":
-                    total = self._drops.setdefault(name, RunningTotal()).update(udp_drops(udp, hosts, port))
+                    counter = self._drops.setdefault(name, RunningTotal())
+                    before = counter.total
+                    total = counter.update(udp_drops(udp, hosts, port))
+                    self._say_drops(name, total - before, buffer)
                     result.append(RouteTraffic(name, protocol, total, buffer, 0))
                 else:
                     result.append(RouteTraffic(name, protocol, 0, 0, established(tcp, hosts, port)))
         return result
+
+    def _say_drops(self, route: str, dropped: int, buffer: int) -> None:
+        """One warning when a route starts dropping, not one per scrape while it goes on."""
+        if dropped and route not in self._dropping:
+            log.warning("route %s: the kernel dropped %d datagrams since the last scrape: nginx did not read them "
+                        "before its %d-byte receive buffer filled (net.core.rmem_max caps it; see /metrics "
+                        "proxyctl_route_udp_receive_drops_total)", route, dropped, buffer)
+            self._dropping.add(route)
+        elif not dropped:
+            self._dropping.discard(route)

@@ -93,6 +93,8 @@ def test_drops_at_a_full_socket_are_counted_as_the_kernel_counts_them_and_surviv
     more = overflow(sidecar, port)
     assert more > 0
     assert drops() == counted + more
+    said = re.findall(r"route statsd: the kernel dropped (\d+) datagrams since the last scrape", sidecar.log())
+    assert said == [str(counted), str(more)]  # a line per spell of drops, with the kernel's count
 
 
 def test_tcp_connections_fallback_and_reloads_read_with_prometheus_own_parser(

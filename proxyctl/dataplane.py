@@ -86,6 +86,8 @@ class DataPlane:
         self.instances: dict[str, Instance] = {}
         self.retiring: list[tuple[Nginx, float]] = []  # removed routes' nginx, draining until the deadline
         self.reloads = self.failures = self.restarts = 0
+        self.last_reload_seconds: float | None = None  # of the latest reload nginx took, for /metrics
+        self.last_reload_at: float | None = None  # Unix time
 
     def directory(self, route: str) -> Path:
         return self.routes_dir / route
@@ -169,7 +171,9 @@ class DataPlane:
             return  # coalesced into the next reload
         nginx.test(instance.wanted.text)
         nginx.write(instance.wanted.text)
+        began = time.monotonic()
         nginx.reload(RELOAD_TIMEOUT)
+        self.last_reload_seconds, self.last_reload_at = time.monotonic() - began, time.time()
         self.reloads += 1
         log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
         self._limit_draining(nginx)

@@ -173,6 +173,7 @@ class Discovery:
         self._served: dict[str, list[Backend]] = {}  # what endpoints() last gave, per route
         self._held_since: dict[str, float] = {}  # anyNode routes keeping their backends, since when
         self._notes: dict[str, list[str]] = {}  # skipped pods and backends, per route, as last logged
+        self._on_fallback: set[str] = set()  # anyNode routes that endpoints() gave other nodes' pods
         self._stopped = False
 
     def client(self, reload: bool = False) -> Api:
@@ -267,6 +268,7 @@ class Discovery:
         pods, notes = local_pods(local.snapshot() if local else [], self.me.node)
         backends, skipped = usable(route, backends_of(route, pods), self._listeners, self._own)
         notes += skipped
+        self._on_fallback.discard(route.key)
         if backends or route.when_no_local_pod != "anyNode":
             self._held_since.pop(route.key, None)
             return backends, notes
@@ -275,6 +277,8 @@ class Discovery:
             return self._hold(route), notes
         self._held_since.pop(route.key, None)
         backends, skipped = usable(route, backends_of(route, fallback.snapshot()), self._listeners, self._own)
+        if backends:
+            self._on_fallback.add(route.key)
         return backends, notes + skipped
 
     def _hold(self, route: Route) -> list[Backend]:
@@ -300,6 +304,20 @@ class Discovery:
     def restarts(self) -> int:
         with self._lock:
             return self._closed_restarts + sum(w.restarts for w in self.watches.values())
+
+    def on_fallback(self) -> frozenset[str]:
+        """Routes forwarding to other nodes' pods, as endpoints() last chose."""
+        with self._lock:
+            return frozenset(self._on_fallback)
+
+    def watch_ages(self) -> dict[str, float]:
+        """route → seconds since its watch of this node's pods last heard from the API: a list,
+        an event, a bookmark, or a watch that ended when asked; a connection that only stays
+        open does not count, so a stalled API shows."""
+        now = time.monotonic()
+        with self._lock:
+            watches = {r.key: self.watches.get(WatchKey.of(r, self.me)) for r in self._routes}
+            return {route: now - watch.last_heard for route, watch in watches.items() if watch is not None}
 
     def stalled(self) -> list[str]:
         with self._lock:

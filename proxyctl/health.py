@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Callable
 
+from proxyctl.traffic import RouteTraffic
+
 log = logging.getLogger("proxyctl.health")
 
 
@@ -35,9 +37,14 @@ class Status:
     config_valid: bool
     watch_restarts: int
     nginx_restarts: int
+    watch_ages: dict[str, float] = field(default_factory=dict)  # route → seconds since its watch heard from the API
+    on_fallback: frozenset[str] = frozenset()  # routes served by other nodes' pods (anyNode)
+    last_reload_seconds: float | None = None  # how long the latest successful reload took
+    last_reload_at: float | None = None  # when it ended, Unix time
 
 
-def metrics(status: Status) -> str:
+def metrics(status: Status, traffic: list[RouteTraffic] | None = None) -> str:
+    """The Prometheus text format (0.0.4); `traffic` is read from the kernel per scrape."""
     lines = [
         "# HELP proxyctl_reloads_total nginx reloads that applied a new config.",
         "# TYPE proxyctl_reloads_total counter",
@@ -60,8 +67,50 @@ def metrics(status: Status) -> str:
         "# HELP proxyctl_route_backends backends nginx forwards a route to.",
         "# TYPE proxyctl_route_backends gauge",
     ]
-    lines += [f'proxyctl_route_backends{{route="{r.name}"}} {len(r.backends)}' for r in status.routes]
+    lines += [f"proxyctl_route_backends{_labels(r.name)} {len(r.backends)}" for r in status.routes]
+    lines += _family("proxyctl_route_on_fallback", "gauge",
+                     "1 while an anyNode route forwards to other nodes' pods for lack of a local one.",
+                     [(r.name, int(r.name in status.on_fallback)) for r in status.routes])
+    lines += _family("proxyctl_watch_last_event_age_seconds", "gauge",
+                     "seconds since the route's pod watch last heard from the API: a list, event, bookmark or "
+                     "a watch that ended when asked.",
+                     sorted(status.watch_ages.items()))
+    if status.last_reload_seconds is not None and status.last_reload_at is not None:
+        lines += _family("proxyctl_last_reload_duration_seconds", "gauge",
+                         "how long the latest successful nginx reload took, until its new worker ran.",
+                         [(None, status.last_reload_seconds)])
+        lines += _family("proxyctl_last_reload_success_timestamp_seconds", "gauge",
+                         "when the latest successful nginx reload ended, in Unix time.", [(None, status.last_reload_at)])
+    udp = [t for t in traffic or [] if t.protocol == "udp"]
+    tcp = [t for t in traffic or [] if t.protocol == "tcp"]
+    lines += _family("proxyctl_route_udp_receive_drops_total", "counter",
+                     "datagrams the kernel dropped at the route's listening sockets because their receive buffer "
+                     "was full.", [(t.name, t.receive_drops) for t in udp])
+    lines += _family("proxyctl_route_udp_receive_buffer_bytes", "gauge",
+                     "receive buffer the kernel granted each of the route's listening sockets.",
+                     [(t.name, t.receive_buffer) for t in udp])
+    lines += _family("proxyctl_route_tcp_connections", "gauge",
+                     "TCP connections open from the application to the route's port.",
+                     [(t.name, t.connections) for t in tcp])
     return "\n".join(lines) + "\n"
+
+
+def _family(name: str, kind: str, text: str, samples: list[tuple[str | None, float]]) -> list[str]:
+    """HELP, TYPE and one sample per route (None: the one sample without labels); nothing without samples."""
+    if not samples:
+        return []
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
+            *(f"{name}{_labels(route) if route is not None else ''} {_number(value)}" for route, value in samples)]
+
+
+def _labels(name: str) -> str:
+    """The route label, its value escaped as the text format wants: backslash, quote, newline."""
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{{route="{escaped}"}}'
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else repr(round(value, 6))
 
 
 MAX_CONNECTIONS = 512  # past this the oldest connection is closed: probes and scrapes need a handful
@@ -86,7 +135,8 @@ class Server:
     quietly: nothing it does is an error of ours.
     """
 
-    def __init__(self, address: str, status: Callable[[], Status]) -> None:
+    def __init__(self, address: str, status: Callable[[], Status],
+                 traffic: Callable[[], list[RouteTraffic]] = list) -> None:
         host, _, port = address.rpartition(":")
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
             host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE)[0]
@@ -97,6 +147,7 @@ class Server:
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self._status = status
+        self._traffic = traffic
         self._wake, self._waker = socket.socketpair()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -197,20 +248,20 @@ class Server:
         if method not in (b"GET", b"HEAD"):
             return _response(405, "only GET\n")
         try:
-            code, body, content_type = _route(target.split("?", 1)[0], self._status())
+            code, body, content_type = _route(target.split("?", 1)[0], self._status(), self._traffic)
         except Exception:  # a bug behind one request must not end the server
             log.exception("health server cannot answer %s", target)
             code, body, content_type = 500, "internal error\n", "text/plain"
         return _response(code, body, content_type, head_only=method == b"HEAD")
 
 
-def _route(path: str, current: Status) -> tuple[int, str, str]:
+def _route(path: str, current: Status, traffic: Callable[[], list[RouteTraffic]]) -> tuple[int, str, str]:
     if path == "/healthz":
         return (*_check(current.alive_problems), "text/plain")
     if path == "/readyz":
         return (*_check(current.ready_problems), "text/plain")
     if path == "/metrics":
-        return 200, metrics(current), "text/plain; version=0.0.4"
+        return 200, metrics(current, traffic()), "text/plain; version=0.0.4"
     if path == "/routes":
         body = {"routes": [r.__dict__ for r in current.routes]}
         return 200, json.dumps(body, indent=2) + "\n", "application/json"
@@ -224,9 +275,10 @@ def _response(code: int, body: str, content_type: str = "text/plain", head_only:
     return head.encode() + (b"" if head_only else data)
 
 
-def serve(address: str, status: Callable[[], Status]) -> Server:
-    """Start the server in its thread; `status` is called for every request."""
-    return Server(address, status)
+def serve(address: str, status: Callable[[], Status],
+          traffic: Callable[[], list[RouteTraffic]] = list) -> Server:
+    """Start the server in its thread; `status` is called for every request, `traffic` per /metrics."""
+    return Server(address, status, traffic)
 
 
 def _check(problems: list[str]) -> tuple[int, str]:

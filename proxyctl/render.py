@@ -26,7 +26,7 @@ CONNECTIONS_PER_ROUTE = 1024
 MAX_CONNECTIONS = 16384
 # Bursts of datagrams wait here while the worker is busy (the kernel's default of ~208 KiB
 # lost up to 1% at 30k datagrams/s). The kernel caps it at 2 × net.core.rmem_max.
-UDP_RECEIVE_BUFFER = "4m"
+UDP_RECEIVE_BUFFER = 4 << 20  # bytes
 
 
 def default_template() -> Path:
@@ -106,7 +106,7 @@ def render(
         stream_module=stream_module,
         worker_connections=worker_connections(len(config.routes), open_files),
         worker_shutdown_timeout=_seconds(max(route.drain_timeout for route in config.routes)),
-        udp_receive_buffer=UDP_RECEIVE_BUFFER,
+        udp_receive_buffer=f"{UDP_RECEIVE_BUFFER >> 20}m",
         seconds=_seconds,
     )
 

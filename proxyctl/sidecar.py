@@ -26,8 +26,9 @@ from proxyctl.dataplane import DataPlane, Wanted, describe
 from proxyctl.discovery import Discovery
 from proxyctl.kube import Identity, identity
 from proxyctl.nginx import NginxError, stream_module
-from proxyctl.render import render_route
+from proxyctl.render import UDP_RECEIVE_BUFFER, has_ipv6_loopback, listen_addresses, render_route
 from proxyctl.statedir import StateDirError, claim
+from proxyctl.traffic import Meter, RouteTraffic
 
 log = logging.getLogger("proxyctl")
 
@@ -59,6 +60,7 @@ class Sidecar:
         self._config_changed = threading.Event()
         self._reread_at: float | None = None
         self.discovery: Discovery | None = None
+        self.meter = Meter()
 
     # --- events from other threads and signals --------------------------------------------
 
@@ -159,7 +161,7 @@ class Sidecar:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
         try:
-            server = health.serve(self.config.health, self.status)
+            server = health.serve(self.config.health, self.status, self.traffic)
         except OSError as exc:  # the port is taken, or the address is not this pod's
             log.error("cannot serve health on %s: %s", self.config.health, exc.strerror or exc)
             self.discovery.stop()
@@ -224,7 +226,15 @@ class Sidecar:
         alive = [f"watch stalled: {key}" for key in self.discovery.stalled()]
         return health.Status(alive, ready, routes, self.dataplane.reloads,
                              self.config_failures + self.dataplane.failures, self.config_valid,
-                             self.discovery.restarts, self.dataplane.restarts)
+                             self.discovery.restarts, self.dataplane.restarts, self.discovery.watch_ages(),
+                             self.discovery.on_fallback(), self.dataplane.last_reload_seconds,
+                             self.dataplane.last_reload_at)
+
+    def traffic(self) -> list[RouteTraffic]:
+        """What the kernel counted for the routes nginx serves; read per /metrics scrape, from its thread."""
+        served = [(s.route.key, s.route.protocol, s.route.port) for s in self.dataplane.served()]
+        return self.meter.sample(served, listen_addresses(self.applied_config, has_ipv6_loopback()),
+                                 UDP_RECEIVE_BUFFER)
 
 
 def _raise_open_files_limit() -> int:

@@ -222,6 +222,7 @@ class Watch(Generic[T]):
         self._last_error = ""  # said once per kind of failure, not once per retry
         self._last_skip = ""  # likewise for malformed events
         self.last_activity = time.monotonic()
+        self.last_heard = time.monotonic()  # the last list, event, bookmark or watch ended as asked: /metrics
         self._request_timeout = timeout
         self.connected = False
         self._stop = threading.Event()
@@ -304,10 +305,11 @@ class Watch(Generic[T]):
         if self._stop.is_set():
             return
         for line in _lines(response):
-            self.last_activity = time.monotonic()
+            self.last_activity = self.last_heard = time.monotonic()
             self._handle(line)
         if self.version == version and time.monotonic() - started < QUICK_END:
             raise TransportError("the API server ended the watch at once, with nothing new")
+        self.last_heard = time.monotonic()
         self._recovered()
 
     def _handle(self, line: bytes) -> None:
@@ -342,7 +344,7 @@ class Watch(Generic[T]):
 
     def _list(self, core: Api) -> None:
         pods, version = list_objects(core, self.key, self._parse, self.timeout, self._list_version)
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_heard = time.monotonic()
         with self._lock:
             changed, self.pods = pods != self.pods, pods
         self.version = version

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import jsonschema
 import pytest
 from kubernetes_validate import utils as kubernetes_validate
 from ruamel.yaml import YAML
@@ -33,12 +34,19 @@ def is_manifest(document: Any) -> bool:
     return isinstance(document, dict) and "apiVersion" in document and "kind" in document
 
 
+def is_custom(document: Document) -> bool:
+    """A resource a CRD defines: kubernetes-validate has no schema for it, a test below checks it."""
+    return document["apiVersion"].split("/")[0] in CUSTOM_GROUPS
+
+
 def holds_config(document: Document) -> bool:
     return document["kind"] == "ConfigMap" and CONFIGMAP_KEY in (document.get("data") or {})
 
 
+CUSTOM_GROUPS = {"monitoring.coreos.com"}
 YAML_FILES = sorted(EXAMPLES.glob("*.yaml"))
-MANIFEST_FILES = [p for p in YAML_FILES if any(is_manifest(d) for d in documents(p))]
+MANIFEST_FILES = [p for p in YAML_FILES if any(is_manifest(d) and not is_custom(d) for d in documents(p))]
+PODMONITOR_FILE = EXAMPLES / "podmonitor.yaml"
 CONFIG_FILES = [p for p in YAML_FILES if any(isinstance(d, dict) and "routes" in d for d in documents(p))]
 CONFIGMAP_FILES = [p for p in MANIFEST_FILES if any(is_manifest(d) and holds_config(d) for d in documents(p))]
 ENDPOINTS_FILE = EXAMPLES / "endpoints.yaml"
@@ -64,7 +72,7 @@ def schema_errors(path: Path) -> list[str]:
 
 
 def test_every_yaml_file_in_examples_is_checked_by_a_test_here() -> None:
-    unchecked = set(YAML_FILES) - set(MANIFEST_FILES) - set(CONFIG_FILES) - {ENDPOINTS_FILE}
+    unchecked = set(YAML_FILES) - set(MANIFEST_FILES) - set(CONFIG_FILES) - {ENDPOINTS_FILE, PODMONITOR_FILE}
     assert not unchecked, f"neither a manifest nor a proxyctl config: {sorted(p.name for p in unchecked)}"
     assert {"app.yaml", "configmap.yaml", "env-pod.yaml", "node-agents.yaml", "rbac.yaml"} <= {
         p.name for p in MANIFEST_FILES}
@@ -258,6 +266,62 @@ def test_every_route_finds_an_agent_among_the_examples() -> None:
                 and port.get("protocol", "TCP") == route.protocol.upper()
             ]
             assert agents, f"route {route.key}: no DaemonSet in examples/ serves {route.protocol} {target}"
+
+
+# PodMonitor (monitoring.coreos.com/v1): a subset of the fields its CRD defines, with the CRD's own
+# types and duration pattern (prometheus-operator 0.91, monitoring.coreos.com_podmonitors.yaml);
+# kubernetes-validate has no CRD schemas, and an unknown field here is a mistake.
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array"}}}
+PODMONITOR_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "namespace": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["selector"], "properties": {
+            "selector": LABEL_SELECTOR,
+            "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+            "jobLabel": {"type": "string"},
+            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "portNumber": {"type": "integer"}, "path": {"type": "string"},
+                    "interval": DURATION, "scrapeTimeout": DURATION,
+                    "honorLabels": {"type": "boolean"}, "relabelings": {"type": "array"},
+                    "metricRelabelings": {"type": "array"}}}}}}}}
+
+
+def podmonitor_errors(document: Document) -> list[str]:
+    validator = jsonschema.Draft202012Validator(PODMONITOR_SCHEMA)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def test_podmonitor_has_the_crd_fields_only() -> None:
+    (podmonitor,) = documents(PODMONITOR_FILE)
+    assert podmonitor_errors(podmonitor) == []
+    broken = copy.deepcopy(podmonitor)
+    broken["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    assert podmonitor_errors(broken) == [
+        "spec.podMetricsEndpoints.0: Additional properties are not allowed ('intervall' was unexpected)"]
+
+
+def test_podmonitor_scrapes_the_sidecars_metrics() -> None:
+    """It selects the pods that run the sidecar, in their namespace, on the port its config serves health on."""
+    (podmonitor,) = documents(PODMONITOR_FILE)
+    (endpoint,) = podmonitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    for manifest, _, container, config in sidecars():
+        labels = manifest["spec"]["template"]["metadata"]["labels"]
+        assert podmonitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert podmonitor["metadata"]["namespace"] == manifest["metadata"].get("namespace", "default")
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[endpoint["port"]] == int(config.health.rpartition(":")[2])
 
 
 # --- the image and the hook -----------------------------------------------------------------------------

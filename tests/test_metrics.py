@@ -1,0 +1,199 @@
+"""/metrics of a real `proxyctl run`: what the kernel counted per route, discovery and reload
+gauges, read with Prometheus' own parser and promtool."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxyctl import health
+from tests.harness import Proxyctl
+from tests.kubeapi import KubeApiServer
+from tests.support import free_port, wait_for
+
+NS = "monitoring"
+AGENT = {"app": "agent"}
+BURST, DATAGRAM = 400, 60_000  # 24 MB: three times what the route's 8 MB buffer holds (rmem_max ≥ 4 MiB)
+# The loopbacks as the kernel prints them in /proc/net/udp{,6} on a little-endian machine.
+LOOPBACK_HEX = {"/proc/net/udp": "0100007F", "/proc/net/udp6": "00000000000000000000000001000000"}
+
+
+def routes(port: int, far_port: int | None = None) -> str:
+    text = (f"routes:\n  - {{name: statsd, port: {port}, protocol: udp, selector: app=agent, namespace: {NS}}}\n"
+            f"  - {{name: forward, port: {port}, protocol: tcp, selector: app=agent, namespace: {NS}}}\n")
+    if far_port is not None:
+        text += (f"  - {{name: traces, port: {far_port}, protocol: udp, selector: app=far, namespace: {NS},"
+                 f" whenNoLocalPod: anyNode}}\n")
+    return text
+
+
+def kernel_drops(port: int) -> int:
+    """What the kernel counted for the sockets listening on `port` on the loopbacks, read here
+    independently of proxyctl."""
+    total = 0
+    for path, host in LOOPBACK_HEX.items():
+        if Path(path).exists():
+            for fields in (line.split() for line in Path(path).read_text().splitlines()[1:]):
+                if fields[1] == f"{host}:{port:04X}":
+                    total += int(fields[12])
+    return total
+
+
+def worker(master: int) -> int:
+    (pid,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return int(pid)
+
+
+def overflow(sidecar: Proxyctl, port: int) -> int:
+    """Send more than the route's socket holds while its nginx worker is stopped; returns how many
+    datagrams the kernel dropped meanwhile."""
+    before = kernel_drops(port)
+    stopped = worker(sidecar.nginx_pid("statsd"))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for _ in range(BURST):
+                client.sendto(b"x" * DATAGRAM, ("127.0.0.1", port))
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    return kernel_drops(port) - before
+
+
+def test_drops_at_a_full_socket_are_counted_as_the_kernel_counts_them_and_survive_an_nginx_restart(
+        kube_api: KubeApiServer, proxyctl, udp_sinks) -> None:
+    port = free_port()
+    udp_sinks("127.0.0.2", port)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(routes(port))
+
+    def drops() -> float | None:
+        return sidecar.metric("proxyctl_route_udp_receive_drops_total", '{route="statsd"}')
+
+    assert drops() == 0
+    counted = overflow(sidecar, port)
+    assert counted > 0
+    assert drops() == counted
+    print(f"\n{counted} of {BURST} datagrams dropped at the full socket, and counted")
+
+    master = sidecar.nginx_pid("statsd")
+    os.kill(master, signal.SIGKILL)  # proxyctl starts it again, on new sockets that count from 0
+    wait_for(lambda: sidecar.nginx_pid("statsd") != master and sidecar.get("/readyz")[0] == 200, 10,
+             what="the route's nginx started again")
+    assert kernel_drops(port) == 0
+    assert drops() == counted
+    more = overflow(sidecar, port)
+    assert more > 0
+    assert drops() == counted + more
+    said = re.findall(r"route statsd: the kernel dropped (\d+) datagrams since the last scrape", sidecar.log())
+    assert said == [str(counted), str(more)]  # a line per spell of drops, with the kernel's count
+
+
+def test_tcp_connections_fallback_and_reloads_read_with_prometheus_own_parser(
+        kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
+    port, far_port = free_port(), free_port()
+    udp_sinks("127.0.0.2", port)
+    tcp_echoes("127.0.0.2", port)
+    udp_sinks("127.0.0.4", far_port)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("far", NS, {"app": "far"}, node="node-b", ip="127.0.0.4")
+    sidecar = proxyctl(routes(port, far_port))
+
+    def connections() -> float | None:
+        return sidecar.metric("proxyctl_route_tcp_connections", '{route="forward"}')
+
+    assert connections() == 0
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        for client in clients:
+            client.sendall(b"ping")
+            assert client.recv(100) == b"127.0.0.2:ping"
+        assert connections() == 3
+    finally:
+        for client in clients:
+            client.close()
+    wait_for(lambda: connections() == 0, 5, what="closed connections no longer counted")
+
+    before_reload = time.time()
+    kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
+    wait_for(lambda: sidecar.metric("proxyctl_route_backends", '{route="statsd"}') == 2, 5, what="a reload")
+    families = {f.name: f for f in text_string_to_metric_families(sidecar.get("/metrics")[1])}
+    values = {name: {s.labels.get("route"): s.value for s in f.samples} for name, f in families.items()}
+    types = {name: f.type for name, f in families.items()}
+
+    assert types["proxyctl_route_udp_receive_drops"] == "counter"  # the parser names a counter without _total
+    assert values["proxyctl_route_udp_receive_drops"] == {"statsd": 0, "traces": 0}
+    assert values["proxyctl_route_tcp_connections"] == {"forward": 0}
+    assert values["proxyctl_route_on_fallback"] == {"statsd": 0, "forward": 0, "traces": 1}
+    assert set(values["proxyctl_watch_last_event_age_seconds"]) == {"statsd", "forward", "traces"}
+    assert all(0 <= age < 30 for age in values["proxyctl_watch_last_event_age_seconds"].values())
+    assert 0 < values["proxyctl_last_reload_duration_seconds"][None] < 3
+    assert before_reload <= values["proxyctl_last_reload_success_timestamp_seconds"][None] <= time.time()
+
+    buffers = values["proxyctl_route_udp_receive_buffer_bytes"]
+    if shutil.which("ss"):  # the kernel's own word on what each listening socket got
+        shown = subprocess.run(["ss", "-Hnuam", f"sport = :{port}"], capture_output=True, text=True).stdout
+        granted = {int(rb) for rb in re.findall(r"\brb(\d+)", shown)}
+        assert granted == {buffers["statsd"]}, shown
+    assert buffers["statsd"] >= 212992  # at least the kernel's default
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
+    port = free_port()
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    udp_sinks("127.0.0.2", port)
+    tcp_echoes("127.0.0.2", port)
+    sidecar = proxyctl(routes(port))
+    kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
+    wait_for(lambda: sidecar.metric("proxyctl_last_reload_duration_seconds") is not None, 5, what="a reload")
+    result = subprocess.run(["promtool", "check", "metrics"], input=sidecar.get("/metrics")[1],
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_label_values_are_escaped_as_the_text_format_wants() -> None:
+    odd = 'a"b\\c\nd'
+    status = health.Status([], [], [health.RouteStatus(odd, 1, "udp", ["127.0.0.2:1"])], 0, 0, True, 0, 0,
+                           {odd: 1.5}, frozenset({odd}))
+    families = {f.name: f for f in text_string_to_metric_families(health.metrics(status))}
+    for name in ("proxyctl_route_backends", "proxyctl_route_on_fallback", "proxyctl_watch_last_event_age_seconds"):
+        (sample,) = families[name].samples
+        assert sample.labels == {"route": odd}
+
+
+def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
+        kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
+    """Each silent watch is replaced after 1.5 × watchTimeout, so /healthz never sees one silent for 2 ×;
+    the age says how long the pods have not been heard of."""
+    watch_timeout = 1.0
+    port = free_port()
+    udp_sinks("127.0.0.2", port)
+    tcp_echoes("127.0.0.2", port)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(f"watchTimeout: {watch_timeout:g}s\n" + routes(port))
+
+    def age() -> float:
+        value = sidecar.metric("proxyctl_watch_last_event_age_seconds", '{route="statsd"}')
+        assert value is not None
+        return value
+
+    assert age() < watch_timeout
+    watches = kube_api.count(watch=True)
+    kube_api.stall_watches = True
+    try:
+        wait_for(lambda: age() > 2.5 * watch_timeout, 10, interval=0.1, what="the watch age past 2.5 × watchTimeout")
+        assert sidecar.get("/healthz")[0] == 200
+        assert kube_api.count(watch=True) > watches  # replaced meanwhile: a connection answered is not news
+    finally:
+        kube_api.stall_watches = False
+    kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
+    wait_for(lambda: age() < watch_timeout, 10, interval=0.1, what="the age back under watchTimeout")

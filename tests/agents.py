@@ -23,7 +23,7 @@ import msgpack
 from datadog.dogstatsd.base import DogStatsd
 from fluent.sender import FluentSender
 
-from tests.support import free_port, wait_for
+from tests.support import accept_each, free_port, wait_for
 
 STATSD_VERSION = "0.9.0"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "agents"
@@ -106,17 +106,13 @@ class ForwardAgent:
         self._threads[0].start()
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self._connections.append(conn)
-            thread = threading.Thread(target=self._receive, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        accept_each(self.server, self._stop, self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        self._connections.append(conn)
+        thread = threading.Thread(target=self._receive, args=(conn,), daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def _receive(self, conn: socket.socket) -> None:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)

@@ -9,13 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Mapping
 
 from tests.kubeapi import KubeApiServer
-from tests.support import free_port, wait_for
+from tests.support import free_port, http_get, wait_for
 
 
 class ConfigMapDir:
@@ -83,13 +81,7 @@ class Proxyctl:
         return self
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(self.health_port, path)
 
     def metric(self, name: str, labels: str = "") -> float | None:
         code, text = self.get("/metrics")

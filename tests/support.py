@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Callable, TypeVar
 
 from proxyctl.render import has_ipv6_loopback
@@ -78,6 +80,32 @@ class UdpSink:
         self.sock.close()
 
 
+def accept_each(server: socket.socket, stop: threading.Event, serve: Callable[[socket.socket], None]) -> None:
+    """Hand each connection `server` accepts to `serve` until `stop` is set or the server is closed.
+
+    `server` has a short timeout, so that `stop` is seen between connections.
+    """
+    while not stop.is_set():
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        serve(conn)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET `path` from 127.0.0.1:port: the status and body; 0 and "" when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
 class TcpEcho:
     """A TCP backend that echoes back what it gets, prefixed with its own name."""
 
@@ -93,15 +121,11 @@ class TcpEcho:
         self._thread.start()
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+        accept_each(self.server, self._stop, self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
         with conn:

@@ -23,7 +23,7 @@ from kubernetes import client, config
 
 from tests.harness import ConfigMapDir
 from tests.kubeapi import KubeApiServer, self_signed_tls
-from tests.support import UdpSink, free_port, wait_for
+from tests.support import UdpSink, free_port, http_get, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("PROXYCTL_IMAGE", "proxyctl:0.1.0")
@@ -127,16 +127,7 @@ class Container:
         return self.log_path.read_text(errors="replace")
 
     def get(self, path: str) -> tuple[int, str]:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(self.health, path)
 
     def exec(self, *command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.engine, "exec", self.name, *command], capture_output=True, text=True)

@@ -532,7 +532,7 @@ class _Handler(BaseHTTPRequestHandler):
             version = query.get("resourceVersion", "")
             if version and not version.isdigit():
                 raise ValueError(f"resourceVersion: Invalid value: {version!r}")
-            watch = api._open_watch(pod_filter, query) if is_watch else None
+            watch = api._open_watch(pod_filter, query, on_open=lambda: record(200)) if is_watch else None
         except ValueError as error:  # bad selector, resourceVersion or timeoutSeconds
             self._send_json(400, status_object(400, str(error)), record)
             return
@@ -544,7 +544,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            record(200)
             self._stream_watch(watch)
         except OSError:
             self.close_connection = True  # the client or stop() closed the socket
@@ -636,7 +635,7 @@ class KubeApiServer:
         self.ignore_field_selector = False
         self.user = "system:serviceaccount:default:proxyctl"  # named in 403 messages
 
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered where a watch is opened and its request recorded at once
         self._changed = threading.Condition(self._lock)
         self._token = token
         self._rv = 1
@@ -835,9 +834,12 @@ class KubeApiServer:
         with self._lock:
             return len(self._watches)
 
-    def _open_watch(self, pod_filter: PodFilter, query: dict[str, str]) -> _Watch:
+    def _open_watch(self, pod_filter: PodFilter, query: dict[str, str], on_open: Callable[[], None]) -> _Watch:
         """Register a watch and queue what it must send first (raises
-        ValueError for a malformed resourceVersion or timeoutSeconds)."""
+        ValueError for a malformed resourceVersion or timeoutSeconds).
+
+        `on_open` (recording the request) runs under the same lock, so a test that sees the
+        watch open also sees its request."""
         timeout = float(query.get("timeoutSeconds") or 0)  # 0: no timeout, as on a real server
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
         interval = self.bookmark_interval if bookmarks else None
@@ -861,6 +863,7 @@ class KubeApiServer:
             else:
                 watch.cursor = int(resource_version)
             self._watches.add(watch)
+            on_open()
             return watch
 
     def _close_watch(self, watch: _Watch) -> None:

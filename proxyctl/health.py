@@ -12,106 +12,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Callable
 
+from proxyctl.metrics import exposition
+from proxyctl.status import Status
 from proxyctl.traffic import RouteTraffic
-
 log = logging.getLogger("proxyctl.health")
-
-
-@dataclass(frozen=True)
-class RouteStatus:
-    name: str
-    port: int
-    protocol: str
-    backends: list[str]
-
-
-@dataclass(frozen=True)
-class Status:
-    """A snapshot of the sidecar, taken per request so the answers agree with each other."""
-
-    alive_problems: list[str]
-    ready_problems: list[str]
-    routes: list[RouteStatus]
-    reloads: int
-    reload_failures: int
-    config_valid: bool
-    watch_restarts: int
-    nginx_restarts: int
-    watch_ages: dict[str, float] = field(default_factory=dict)  # route → seconds since its watch heard from the API
-    on_fallback: frozenset[str] = frozenset()  # routes served by other nodes' pods (anyNode)
-    last_reload_seconds: float | None = None  # how long the latest successful reload took
-    last_reload_at: float | None = None  # when it ended, Unix time
-
-
-def metrics(status: Status, traffic: list[RouteTraffic] | None = None) -> str:
-    """The Prometheus text format (0.0.4); `traffic` is read from the kernel per scrape."""
-    lines = [
-        "# HELP proxyctl_reloads_total nginx reloads that applied a new config.",
-        "# TYPE proxyctl_reloads_total counter",
-        f"proxyctl_reloads_total {status.reloads}",
-        "# HELP proxyctl_reload_failures_total configs rejected by nginx -t or by the reload.",
-        "# TYPE proxyctl_reload_failures_total counter",
-        f"proxyctl_reload_failures_total {status.reload_failures}",
-        "# HELP proxyctl_config_valid 1 when the latest config was accepted, 0 when the last good one still serves.",
-        "# TYPE proxyctl_config_valid gauge",
-        f"proxyctl_config_valid {int(status.config_valid)}",
-        "# HELP proxyctl_ready 1 when /readyz answers 200.",
-        "# TYPE proxyctl_ready gauge",
-        f"proxyctl_ready {int(not status.ready_problems)}",
-        "# HELP proxyctl_watch_restarts_total watches restarted after an error, a stall or 410 Gone.",
-        "# TYPE proxyctl_watch_restarts_total counter",
-        f"proxyctl_watch_restarts_total {status.watch_restarts}",
-        "# HELP proxyctl_nginx_restarts_total times nginx died and was started again.",
-        "# TYPE proxyctl_nginx_restarts_total counter",
-        f"proxyctl_nginx_restarts_total {status.nginx_restarts}",
-        "# HELP proxyctl_route_backends backends nginx forwards a route to.",
-        "# TYPE proxyctl_route_backends gauge",
-    ]
-    lines += [f"proxyctl_route_backends{_labels(r.name)} {len(r.backends)}" for r in status.routes]
-    lines += _family("proxyctl_route_on_fallback", "gauge",
-                     "1 while an anyNode route forwards to other nodes' pods for lack of a local one.",
-                     [(r.name, int(r.name in status.on_fallback)) for r in status.routes])
-    lines += _family("proxyctl_watch_last_event_age_seconds", "gauge",
-                     "seconds since the route's pod watch last heard from the API: a list, event, bookmark or "
-                     "a watch that ended when asked.",
-                     sorted(status.watch_ages.items()))
-    if status.last_reload_seconds is not None and status.last_reload_at is not None:
-        lines += _family("proxyctl_last_reload_duration_seconds", "gauge",
-                         "how long the latest successful nginx reload took, until its new worker ran.",
-                         [(None, status.last_reload_seconds)])
-        lines += _family("proxyctl_last_reload_success_timestamp_seconds", "gauge",
-                         "when the latest successful nginx reload ended, in Unix time.", [(None, status.last_reload_at)])
-    udp = [t for t in traffic or [] if t.protocol == "udp"]
-    tcp = [t for t in traffic or [] if t.protocol == "tcp"]
-    lines += _family("proxyctl_route_udp_receive_drops_total", "counter",
-                     "datagrams the kernel dropped at the route's listening sockets because their receive buffer "
-                     "was full.", [(t.name, t.receive_drops) for t in udp])
-    lines += _family("proxyctl_route_udp_receive_buffer_bytes", "gauge",
-                     "receive buffer the kernel granted each of the route's listening sockets.",
-                     [(t.name, t.receive_buffer) for t in udp])
-    lines += _family("proxyctl_route_tcp_connections", "gauge",
-                     "TCP connections open from the application to the route's port.",
-                     [(t.name, t.connections) for t in tcp])
-    return "\n".join(lines) + "\n"
-
-
-def _family(name: str, kind: str, text: str, samples: list[tuple[str | None, float]]) -> list[str]:
-    """HELP, TYPE and one sample per route (None: the one sample without labels); nothing without samples."""
-    if not samples:
-        return []
-    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-            *(f"{name}{_labels(route) if route is not None else ''} {_number(value)}" for route, value in samples)]
-
-
-def _labels(name: str) -> str:
-    """The route label, its value escaped as the text format wants: backslash, quote, newline."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'{{route="{escaped}"}}'
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else repr(round(value, 6))
-
 
 MAX_CONNECTIONS = 512  # past this the oldest connection is closed: probes and scrapes need a handful
 CONNECTION_DEADLINE = 10.0  # seconds a client has to send its request and take the answer
@@ -261,7 +165,7 @@ def _route(path: str, current: Status, traffic: Callable[[], list[RouteTraffic]]
     if path == "/readyz":
         return (*_check(current.ready_problems), "text/plain")
     if path == "/metrics":
-        return 200, metrics(current, traffic()), "text/plain; version=0.0.4"
+        return 200, exposition(current, traffic()), "text/plain; version=0.0.4"
     if path == "/routes":
         body = {"routes": [r.__dict__ for r in current.routes]}
         return 200, json.dumps(body, indent=2) + "\n", "application/json"

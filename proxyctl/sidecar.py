@@ -28,6 +28,7 @@ from proxyctl.kube import Identity, identity
 from proxyctl.nginx import NginxError, stream_module
 from proxyctl.render import UDP_RECEIVE_BUFFER, has_ipv6_loopback, listen_addresses, render_route
 from proxyctl.statedir import StateDirError, claim
+from proxyctl.status import RouteStatus, Status
 from proxyctl.traffic import Meter, RouteTraffic
 
 log = logging.getLogger("proxyctl")
@@ -210,10 +211,10 @@ class Sidecar:
             due = reread if due is None else min(due, reread)
         return due
 
-    def status(self) -> health.Status:
+    def status(self) -> Status:
         """What the health server reports; read from other threads, so only reads here."""
         assert self.discovery is not None
-        routes = [health.RouteStatus(s.route.key, s.route.port, s.route.protocol, list(s.backends))
+        routes = [RouteStatus(s.route.key, s.route.port, s.route.protocol, list(s.backends))
                   for s in self.dataplane.served()]
         served = {r.name for r in routes}
         wanted = {r.key for r in self.config.routes}  # a route on its way out is not missing
@@ -224,7 +225,7 @@ class Sidecar:
             ready.append("the latest config was rejected; the last good one serves")
         ready += [f"route {r.name} has no backend" for r in routes if not r.backends]
         alive = [f"watch stalled: {key}" for key in self.discovery.stalled()]
-        return health.Status(alive, ready, routes, self.dataplane.reloads,
+        return Status(alive, ready, routes, self.dataplane.reloads,
                              self.config_failures + self.dataplane.failures, self.config_valid,
                              self.discovery.restarts, self.dataplane.restarts, self.discovery.watch_ages(),
                              self.discovery.on_fallback(), self.dataplane.last_reload_seconds,

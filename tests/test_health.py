@@ -17,12 +17,13 @@ from typing import Iterator
 import pytest
 
 from proxyctl import health
+from proxyctl.status import RouteStatus, Status
 from tests.harness import Proxyctl
 from tests.kubeapi import KubeApiServer
 from tests.support import free_port, wait_for
 
-STATUS = health.Status(alive_problems=[], ready_problems=["route statsd has no backend"],
-                       routes=[health.RouteStatus("statsd", 8125, "udp", [])], reloads=3, reload_failures=1,
+STATUS = Status(alive_problems=[], ready_problems=["route statsd has no backend"],
+                       routes=[RouteStatus("statsd", 8125, "udp", [])], reloads=3, reload_failures=1,
                        config_valid=True, watch_restarts=2, nginx_restarts=0)
 IDLE_CLIENTS = 2000
 
@@ -200,7 +201,7 @@ def test_a_client_closed_to_make_room_while_it_was_sending_does_not_end_the_serv
     monkeypatch.setattr(health, "MAX_CONNECTIONS", 2)
     busy, release = threading.Event(), threading.Event()
 
-    def status() -> health.Status:
+    def status() -> Status:
         if not busy.is_set():
             busy.set()
             release.wait(5)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxyctl import health
+from proxyctl.metrics import exposition
+from proxyctl.status import RouteStatus, Status
 from tests.harness import Proxyctl
 from tests.kubeapi import KubeApiServer
 from tests.support import free_port, wait_for
@@ -162,9 +163,9 @@ def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_si
 
 def test_label_values_are_escaped_as_the_text_format_wants() -> None:
     odd = 'a"b\\c\nd'
-    status = health.Status([], [], [health.RouteStatus(odd, 1, "udp", ["127.0.0.2:1"])], 0, 0, True, 0, 0,
+    status = Status([], [], [RouteStatus(odd, 1, "udp", ["127.0.0.2:1"])], 0, 0, True, 0, 0,
                            {odd: 1.5}, frozenset({odd}))
-    families = {f.name: f for f in text_string_to_metric_families(health.metrics(status))}
+    families = {f.name: f for f in text_string_to_metric_families(exposition(status))}
     for name in ("proxyctl_route_backends", "proxyctl_route_on_fallback", "proxyctl_watch_last_event_age_seconds"):
         (sample,) = families[name].samples
         assert sample.labels == {"route": odd}

@@ -119,7 +119,8 @@ class Proxyctl:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        for pid_file in self.state_dir.glob("routes/*/nginx.pid"):
+        # One nginx per route; proxyctl before that (bench/rollout.py runs one) had one in the state dir.
+        for pid_file in [*self.state_dir.glob("routes/*/nginx.pid"), self.state_dir / "nginx.pid"]:
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except (OSError, ValueError):

@@ -17,7 +17,7 @@ import pytest
 CACHED = Path(__file__).resolve().parent.parent / ".cache" / "prometheus" / "usr" / "bin" / "promtool"
 
 
-def promtool() -> str:
+def find_promtool() -> str:
     named = os.environ.get("PROMTOOL")
     if named:
         if not os.access(named, os.X_OK):
@@ -30,4 +30,4 @@ def promtool() -> str:
 
 
 def run_promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool(), *args], input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run([find_promtool(), *args], input=stdin, capture_output=True, text=True, timeout=60)

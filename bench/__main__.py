@@ -15,9 +15,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from bench import convergence, footprint, image, rollout, scale, tcp_redis, udp_many_clients, udp_one_client
+from bench import (convergence, footprint, image, metrics_cost, rollout, scale, tcp_redis, udp_many_clients,
+                   udp_one_client)
 from bench.report import CaseResult, Table, write_markdown
-from bench.system import AGENTS, CONTAINER_ENGINE, MATPLOTLIB, NGINX, REDIS_HAPROXY, Need, describe
+from bench.system import AGENTS, CONTAINER_ENGINE, GIT, MATPLOTLIB, NGINX, REDIS_HAPROXY, Need, describe
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CASES: dict[str, tuple[ModuleType, list[Need]]] = {
@@ -28,6 +29,7 @@ CASES: dict[str, tuple[ModuleType, list[Need]]] = {
     "footprint": (footprint, NGINX),
     "scale": (scale, NGINX),
     "rollout": (rollout, NGINX + AGENTS),
+    "metrics-cost": (metrics_cost, NGINX + [GIT]),
     "image": (image, [CONTAINER_ENGINE]),
 }
 

@@ -43,6 +43,7 @@ MATPLOTLIB = Need("python:matplotlib", "pip install matplotlib")
 AGENTS = [Need("npm", "apt-get install -y npm (statsd is installed from npm on first use)"),
           Need("git", "apt-get install -y git (the before column is exported from git history)"),
           Need("python:fluent", "pip install -e '.[test]' (fluent-logger)")]
+GIT = Need("git", "apt-get install -y git (earlier versions are exported from git history)")
 CONTAINER_ENGINE = Need("podman", "make image (it installs podman when there is no docker)")
 
 

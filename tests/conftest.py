@@ -16,6 +16,7 @@ from proxyctl.nginx import Nginx, stream_module
 from proxyctl.render import render
 from tests.kubeapi import KubeApiServer, kube_api  # noqa: F401  (fixture)
 from tests.harness import Proxyctl
+from tests.promtool import find_promtool
 from tests.support import TcpEcho, UdpSink
 
 # Fuzz tests try the same inputs on every run, so the suite is a steady gate;
@@ -112,3 +113,9 @@ def discover(kube_api: KubeApiServer, tmp_path: Path) -> Iterator[MakeDiscovery]
 def backends(discovery: Discovery, route: str = "dogstatsd") -> list[str]:
     """What `discovery` says `route` forwards to now, as text."""
     return [str(b) for b in discovery.endpoints().get(route, [])]
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool's path; under `make test` a test that asks for it fails without it (tests/promtool.py)."""
+    return find_promtool()

@@ -147,8 +147,8 @@ def test_tcp_connections_fallback_and_reloads_read_with_prometheus_own_parser(
     assert buffers["statsd"] >= 212992  # at least the kernel's default
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
-def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
+def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes,
+                                       promtool: str) -> None:
     port = free_port()
     kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
     udp_sinks("127.0.0.2", port)
@@ -156,7 +156,7 @@ def test_promtool_finds_nothing_to_say(kube_api: KubeApiServer, proxyctl, udp_si
     sidecar = proxyctl(routes(port))
     kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
     wait_for(lambda: sidecar.metric("proxyctl_last_reload_duration_seconds") is not None, 5, what="a reload")
-    result = subprocess.run(["promtool", "check", "metrics"], input=sidecar.get("/metrics")[1],
+    result = subprocess.run([promtool, "check", "metrics"], input=sidecar.get("/metrics")[1],
                             capture_output=True, text=True)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 

@@ -166,7 +166,7 @@ class DataPlane:
         directory = self.directory(route)
         directory.mkdir(parents=True, exist_ok=True)
         for kind in (SESSIONS, NO_BACKEND):
-            self.tally.forget(tally_path(directory, route, kind))
+            self.tally.start(tally_path(directory, route, kind))
         self.instances[route] = Instance(Nginx(directory, self.binary, on_exit=self.wake, route=route))
         return self.instances[route]
 

@@ -198,13 +198,13 @@ class Tally:
             os.close(fd)
 
     @staticmethod
-    def forget(path: Path) -> None:
-        """Remove what an earlier proxyctl left, so this one counts from 0; where it cannot, it counts on from it."""
+    def start(path: Path) -> None:
+        """An empty `path`: what an earlier proxyctl counted is not ours, and nginx need not create the file
+        (a reload that must create one fails on a full disk)."""
         try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s (%s): its count goes on from what an earlier proxyctl counted", path,
-                        exc.strerror)
+            path.write_bytes(b"")
+        except OSError as exc:  # nginx will say too, and the state dir's trouble is retried as a whole
+            log.warning("cannot empty %s: %s", path, exc.strerror)
 
 
 class Meter:

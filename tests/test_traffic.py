@@ -88,7 +88,7 @@ def test_a_tally_file_keeps_its_count_as_its_blocks_are_freed(where: str, tmp_pa
         if not Path("/dev/shm").is_dir():
             pytest.skip("no /dev/shm here")
         directory = Path("/dev/shm") / f"proxyctl-test-{os.getpid()}"
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)
     path = directory / "statsd.no-backend"
     tally = Tally()
     assert tally.count(path) == 0  # nothing counted yet: no file

@@ -11,6 +11,9 @@ master, a passing `[emerg]`) is tried again with backoff until it takes. A flapp
 cannot stack old workers up to the memory limit: each nginx reloads at most RELOAD_BURST
 times at once and RELOADS_PER_SECOND after that (changes meanwhile coalesce into the next
 reload), and when more than MAX_DRAINING old workers drain, the oldest is closed.
+
+Each nginx counts its sessions in tally files in its directory (traffic.py, `Tally`); the
+data plane frees their blocks every TALLY_FREE_INTERVAL, so a tmpfs state dir stays small.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable, Mapping
 
 from proxyctl.config import Route
 from proxyctl.nginx import Nginx, NginxError, end_stale
+from proxyctl.traffic import NO_BACKEND, SESSIONS, Tally, tally_path
 
 log = logging.getLogger("proxyctl.dataplane")
 
@@ -35,6 +39,7 @@ MAX_DRAINING = 8  # old workers per nginx (about 1 MB each); beyond this the old
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # seconds: backoff of a change nginx did not take (a resumed master is seen soon)
 RESTART_BACKOFF_MAX = 30.0  # seconds: an nginx that keeps dying is started less and less often
 RESTART_FORGIVEN_AFTER = 60.0  # seconds of life after which a death restarts at once
+TALLY_FREE_INTERVAL = 10.0  # seconds: at 30k datagrams/s a tally file holds at most ~300 kB meanwhile
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ class Instance:
         self.started_at = 0.0
         self.restart_delay = 0.0
         self.restart_at: float | None = None  # set while a dead nginx waits to be started again
+        self.without_backend = 0.0  # seconds served without a backend, before `without_backend_since`
+        self.without_backend_since: float | None = None  # monotonic time since when it serves none, if it does
+
+    def seconds_without_backend(self, now: float) -> float:
+        return self.without_backend + (now - self.without_backend_since if self.without_backend_since else 0.0)
 
     @property
     def pending(self) -> bool:
@@ -83,6 +93,8 @@ class DataPlane:
         self.routes_dir = state_dir / "routes"
         self.binary = binary
         self.wake = wake
+        self.tally = Tally()
+        self.tally_freed_at = time.monotonic()
         self.instances: dict[str, Instance] = {}
         self.retiring: list[tuple[Nginx, float]] = []  # removed routes' nginx, draining until the deadline
         self.reloads = self.failures = self.restarts = 0
@@ -145,7 +157,7 @@ class DataPlane:
         for route, instance in launched:  # started side by side: start-up waits for the slowest, not the sum
             try:
                 self._await_start(instance)
-                self._served(instance)
+                self._served(route, instance)
             except NginxError as exc:
                 failures[route] = self._failed(route, instance, exc)
         return failures
@@ -153,7 +165,9 @@ class DataPlane:
     def _add(self, route: str) -> Instance:
         directory = self.directory(route)
         directory.mkdir(parents=True, exist_ok=True)
-        self.instances[route] = Instance(Nginx(directory, self.binary, on_exit=self.wake))
+        for kind in (SESSIONS, NO_BACKEND):
+            self.tally.start(tally_path(directory, route, kind))
+        self.instances[route] = Instance(Nginx(directory, self.binary, on_exit=self.wake, route=route))
         return self.instances[route]
 
     def _remove(self, route: str) -> None:
@@ -177,11 +191,27 @@ class DataPlane:
         self.reloads += 1
         log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
         self._limit_draining(nginx)
-        self._served(instance)
+        self._served(route, instance)
 
     @staticmethod
-    def _served(instance: Instance) -> None:
+    def _served(route: str, instance: Instance) -> None:
+        """`instance.wanted` is served now; say so when the route loses its last backend, or gets one back."""
         instance.served, instance.failure, instance.attempts, instance.due = instance.wanted, "", 0, 0.0
+        assert instance.served is not None
+        now, since = time.monotonic(), instance.without_backend_since
+        if not instance.served.backends and since is None:
+            instance.without_backend_since = now
+            served = instance.served.route
+            if served.protocol == "udp":
+                log.warning("route %s has no backend: nginx drops the datagrams sent to port %d, counted in "
+                            "proxyctl_route_no_backend_datagrams_total", route, served.port)
+            else:
+                log.warning("route %s has no backend: nothing listens on port %d, so clients' connects are "
+                            "refused and they keep their data", route, served.port)
+        elif instance.served.backends and since is not None:
+            instance.without_backend += now - since
+            instance.without_backend_since = None
+            log.info("route %s has a backend again, after %.1fs without one", route, now - since)
 
     @staticmethod
     def _launch(instance: Instance) -> None:
@@ -255,10 +285,16 @@ class DataPlane:
             if not nginx.running or now >= deadline:
                 nginx.stop(grace=0)
                 self.retiring.remove((nginx, deadline))
+        if now >= self.tally_freed_at + TALLY_FREE_INTERVAL:
+            self.tally_freed_at = now
+            for route in self.instances:
+                for kind in (SESSIONS, NO_BACKEND):
+                    self.tally.free(tally_path(self.directory(route), route, kind))
 
     def due_in(self) -> float | None:
-        """Seconds until an attempt, restart or drain deadline is due; None when none is waiting."""
+        """Seconds until an attempt, restart, drain deadline or freeing of tally files is due; None when none is."""
         times = [i.due for i in self.instances.values() if i.pending and i.restart_at is None]
+        times += [self.tally_freed_at + TALLY_FREE_INTERVAL] if self.instances else []
         times += [i.restart_at for i in self.instances.values() if i.restart_at is not None]
         times += [deadline for _, deadline in self.retiring]
         return max(0.0, min(times) - time.monotonic()) if times else None
@@ -277,6 +313,12 @@ class DataPlane:
     def served(self) -> list[Wanted]:
         """What each route's nginx serves now, in the order the routes were first added."""
         return [i.served for i in list(self.instances.values()) if i.served is not None]
+
+    def counted(self) -> dict[str, tuple[float, dict[str, int]]]:
+        """Route → (seconds it has gone without a backend, upstream failures nginx logged by reason)."""
+        now = time.monotonic()
+        return {route: (i.seconds_without_backend(now), i.nginx.upstream_failures())
+                for route, i in list(self.instances.items())}
 
     def problems(self) -> list[str]:
         """What keeps the data plane from serving what is wanted, now."""

@@ -3,6 +3,7 @@ cost 0.8 MB PSS in every pod for what is a few dozen lines of text."""
 
 from __future__ import annotations
 
+from proxyctl.nginx import UPSTREAM_FAILURES
 from proxyctl.status import Status
 from proxyctl.traffic import RouteTraffic
 
@@ -56,21 +57,41 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str
     lines += _family("proxyctl_route_tcp_connections", "gauge",
                      "TCP connections open from the application to the route's port.",
                      [(t.name, t.connections) for t in tcp])
+    lines += _family("proxyctl_route_sessions_total", "counter",
+                     "sessions nginx forwarded, or tried to, to the route's backends, counted as each ends: a "
+                     "datagram each for UDP (with udpResponses 0, the default), a connection each for TCP.",
+                     [(t.name, t.sessions) for t in traffic or []])
+    lines += _family("proxyctl_route_no_backend_datagrams_total", "counter",
+                     "datagrams nginx read and dropped because the route had no backend.",
+                     [(t.name, t.no_backend_datagrams) for t in udp])
+    lines += _family("proxyctl_route_no_backend_seconds_total", "counter",
+                     "seconds the route has gone without a backend: UDP datagrams are dropped meanwhile, TCP "
+                     "connects refused.", [(t.name, t.no_backend_seconds) for t in traffic or []])
+    lines += _family("proxyctl_route_upstream_failures_total", "counter",
+                     "failures toward the route's backends that nginx logged: connect() failed, upstream timed out, "
+                     "no live upstreams, out of connections or file descriptors.",
+                     [((t.name, reason), t.upstream_failures.get(reason, 0))
+                      for t in traffic or [] for reason, _ in UPSTREAM_FAILURES])
     return "\n".join(lines) + "\n"
 
 
-def _family(name: str, kind: str, text: str, samples: list[tuple[str | None, float]]) -> list[str]:
-    """HELP, TYPE and one sample per route (None: the one sample without labels); nothing without samples."""
+def _family(name: str, kind: str, text: str, samples: list[tuple[str | tuple[str, str] | None, float]]) -> list[str]:
+    """HELP, TYPE and one sample per route, or per (route, reason); None: the one sample without labels;
+    nothing without samples."""
     if not samples:
         return []
     return [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-            *(f"{name}{_labels(route) if route is not None else ''} {_number(value)}" for route, value in samples)]
+            *(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples)]
 
 
-def _labels(name: str) -> str:
-    """The route label, its value escaped as the text format wants: backslash, quote, newline."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'{{route="{escaped}"}}'
+def _labels(labels: str | tuple[str, str] | None) -> str:
+    """The route label (and the reason, a word of ours), escaped as the text format wants: backslash, quote,
+    newline."""
+    if labels is None:
+        return ""
+    route, reason = labels if isinstance(labels, tuple) else (labels, None)
+    escaped = route.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{{route="{escaped}"}}' if reason is None else f'{{route="{escaped}",reason="{reason}"}}'
 
 
 def _number(value: float) -> str:

@@ -5,9 +5,12 @@ counts as applied when new workers start, and as failed when nginx logs `[emerg]
 
 The log pipe's write end is non-blocking: when the reader falls behind (a flood of
 per-connection errors), nginx loses log lines instead of blocking its worker, and with it
-the traffic. nginx dies with the thread that started it (PR_SET_PDEATHSIG), so start it
-from the main thread; and a master left behind by a proxyctl killed outright is found by
-its pid file and ended before a new one starts (`end_stale`).
+the traffic. The same reader counts the upstream failures nginx logs, by reason, for
+/metrics: the counts live here, so they outlast the nginx processes that logged them (lines
+nginx lost to a full pipe are lost to the counts too). nginx dies with the thread that
+started it (PR_SET_PDEATHSIG), so start it from the main thread; and a master left behind
+by a proxyctl killed outright is found by its pid file and ended before a new one starts
+(`end_stale`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ log = logging.getLogger("proxyctl.nginx")
 _PID = re.compile(r"^\d+#\d+: (\*\d+ )?")
 _LEVEL = re.compile(r"\[(debug|info|notice|warn|error|crit|alert|emerg)\]")
 _WORKER = re.compile(r"start worker process (\d+)")
+# Upstream failures as nginx 1.22+ words them, by the reason /metrics gives: src/event/ngx_event_connect.c and
+# src/stream/ngx_stream_proxy_module.c (connect, timeouts, no live upstreams), src/core/ngx_connection.c (a full
+# connection table; "reusing connections" is not a failure), and EMFILE/ENFILE from socket() or accept().
+UPSTREAM_FAILURES = (
+    ("connect_failed", re.compile(r"\bconnect\(\) (to \S+ )?failed")),
+    ("timeout", re.compile(r"\bupstream timed out")),
+    ("no_live_upstreams", re.compile(r"\bno live upstreams")),
+    ("out_of_connections", re.compile(r"worker_connections are not enough(?!, reusing| for)|Too many open files")),
+)
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.DEBUG, "notice": logging.DEBUG, "warn": logging.WARNING,
                "error": logging.ERROR, "crit": logging.ERROR, "alert": logging.ERROR, "emerg": logging.ERROR}
 _PR_SET_PDEATHSIG = 1
@@ -64,8 +76,10 @@ def _die_with_parent() -> None:
 class Nginx:
     """One nginx master whose config lives at `state_dir/nginx.conf`, its pid at `state_dir/nginx.pid`."""
 
-    def __init__(self, state_dir: Path, binary: str = "nginx", on_exit: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, state_dir: Path, binary: str = "nginx", on_exit: Callable[[], None] = lambda: None,
+                 route: str = "") -> None:
         self.state_dir = state_dir
+        self.route = route  # named in what its log lines say
         self.binary = binary
         self.on_exit = on_exit
         self.conf = state_dir / "nginx.conf"
@@ -76,6 +90,7 @@ class Nginx:
         self._started_before = 0  # _workers_started when the master was launched
         self._errors: list[str] = []
         self._bind_error = ""  # nginx tries a busy port 5 times in 2 s: only its giving up is an error
+        self._upstream_failures: dict[str, int] = {}  # reason → lines seen, over every master this object ran
 
     def _args(self, conf: Path) -> list[str]:
         return [self.binary, "-p", f"{self.state_dir}/", "-c", str(conf), "-e", "stderr"]
@@ -172,14 +187,25 @@ class Nginx:
                     return
                 self._changed.wait(min(remaining, 0.1))
 
+    def upstream_failures(self) -> dict[str, int]:
+        """Upstream failures nginx logged, by reason (see UPSTREAM_FAILURES), since this object first ran nginx."""
+        with self._changed:
+            return dict(self._upstream_failures)
+
     def _follow_log(self, reader: int) -> None:
+        prefix = f"nginx {self.route}: " if self.route else "nginx: "
         with open(reader, "rb") as stream:
             for raw in stream:
                 line = raw.decode(errors="replace").rstrip()
                 match = _LEVEL.search(line)
                 level = match.group(1) if match else "notice"
-                log.log(_LOG_LEVELS[level], "nginx: %s", _message(line) if match else line)
+                failure = upstream_failure(line) if match and level not in ("debug", "info", "notice") else None
+                # A failure line says which kind it is, so the log output may say them once a minute (logs.py).
+                log.log(_LOG_LEVELS[level], "%s%s", prefix, _message(line) if match else line,
+                        extra={"summarize": (self.route, "upstream failure")} if failure else None)
                 with self._changed:
+                    if failure:
+                        self._upstream_failures[failure] = self._upstream_failures.get(failure, 0) + 1
                     worker = _WORKER.search(line)
                     if worker:
                         self._workers_started += 1
@@ -298,6 +324,11 @@ def _state(pid: int) -> str:
 def _start_time(pid: int) -> int:
     fields = _stat(pid)
     return int(fields[19]) if len(fields) > 19 else 0
+
+
+def upstream_failure(line: str) -> str | None:
+    """The reason an nginx error log line reports an upstream failure, or None when it does not."""
+    return next((reason for reason, pattern in UPSTREAM_FAILURES if pattern.search(line)), None)
 
 
 def _message(line: str) -> str:

@@ -17,6 +17,7 @@ import jinja2
 
 from proxyctl.backend import Backend
 from proxyctl.config import Config, Route
+from proxyctl.traffic import NO_BACKEND, SESSIONS, tally_path
 
 # Each connection slot costs memory in every worker (about 6.5 MB per 16k here), so size the
 # table to the routes, up to a cap: UDP with `proxy_responses 0` frees its slots at once; TCP
@@ -108,6 +109,8 @@ def render(
         worker_shutdown_timeout=_seconds(max(route.drain_timeout for route in config.routes)),
         udp_receive_buffer=f"{UDP_RECEIVE_BUFFER >> 20}m",
         seconds=_seconds,
+        sessions_file=lambda route: tally_path(state_dir, route.key, SESSIONS),
+        no_backend_file=lambda route: tally_path(state_dir, route.key, NO_BACKEND),
     )
 
 

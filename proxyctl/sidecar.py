@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -61,7 +62,7 @@ class Sidecar:
         self._config_changed = threading.Event()
         self._reread_at: float | None = None
         self.discovery: Discovery | None = None
-        self.meter = Meter()
+        self.meter = Meter(self.dataplane.tally)
 
     # --- events from other threads and signals --------------------------------------------
 
@@ -232,10 +233,15 @@ class Sidecar:
                              self.dataplane.last_reload_at)
 
     def traffic(self) -> list[RouteTraffic]:
-        """What the kernel counted for the routes nginx serves; read per /metrics scrape, from its thread."""
-        served = [(s.route.key, s.route.protocol, s.route.port) for s in self.dataplane.served()]
-        return self.meter.sample(served, listen_addresses(self.applied_config, has_ipv6_loopback()),
-                                 UDP_RECEIVE_BUFFER)
+        """What the kernel, nginx and the data plane counted for the routes nginx serves; read per /metrics
+        scrape, from its thread."""
+        served = [(s.route.key, s.route.protocol, s.route.port, self.dataplane.directory(s.route.key))
+                  for s in self.dataplane.served()]
+        sampled = self.meter.sample(served, listen_addresses(self.applied_config, has_ipv6_loopback()),
+                                    UDP_RECEIVE_BUFFER)
+        counted = self.dataplane.counted()
+        return [replace(t, no_backend_seconds=counted[t.name][0], upstream_failures=counted[t.name][1])
+                if t.name in counted else t for t in sampled]
 
 
 def _raise_open_files_limit() -> int:

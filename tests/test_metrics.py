@@ -16,10 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxyctl.metrics import exposition
+from proxyctl.nginx import upstream_failure
 from proxyctl.status import RouteStatus, Status
+from proxyctl.traffic import RouteTraffic
 from tests.harness import Proxyctl
 from tests.kubeapi import KubeApiServer
-from tests.support import free_port, wait_for
+from tests.support import free_port, tcp_exchange, wait_for
 
 NS = "monitoring"
 AGENT = {"app": "agent"}
@@ -165,10 +167,16 @@ def test_label_values_are_escaped_as_the_text_format_wants() -> None:
     odd = 'a"b\\c\nd'
     status = Status([], [], [RouteStatus(odd, 1, "udp", ["127.0.0.2:1"])], 0, 0, True, 0, 0,
                            {odd: 1.5}, frozenset({odd}))
-    families = {f.name: f for f in text_string_to_metric_families(exposition(status))}
-    for name in ("proxyctl_route_backends", "proxyctl_route_on_fallback", "proxyctl_watch_last_event_age_seconds"):
-        (sample,) = families[name].samples
+    traffic = [RouteTraffic(odd, "udp", 0, 0, 0, upstream_failures={"timeout": 2})]
+    families = {f.name: f for f in text_string_to_metric_families(exposition(status, traffic))}
+    for name in ("proxyctl_route_backends", "proxyctl_route_on_fallback", "proxyctl_watch_last_event_age_seconds",
+                 "proxyctl_route_no_backend_datagrams", "proxyctl_route_sessions"):
+        (sample, *_) = families[name].samples
         assert sample.labels == {"route": odd}
+    failures = {s.labels["reason"]: s.value for s in families["proxyctl_route_upstream_failures"].samples
+                if s.name.endswith("_total")}
+    assert failures == {"connect_failed": 0, "timeout": 2, "no_live_upstreams": 0, "out_of_connections": 0}
+    assert {s.labels["route"] for s in families["proxyctl_route_upstream_failures"].samples} == {odd}
 
 
 def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
@@ -198,3 +206,139 @@ def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
         kube_api.stall_watches = False
     kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
     wait_for(lambda: age() < watch_timeout, 10, interval=0.1, what="the age back under watchTimeout")
+
+
+def queued(port: int) -> int:
+    """Bytes waiting in the receive queues of the sockets listening on `port` on 127.0.0.1."""
+    rows = (line.split() for line in Path("/proc/net/udp").read_text().splitlines()[1:])
+    return sum(int(fields[4].split(":")[1], 16) for fields in rows
+               if fields[1] == f"{LOOPBACK_HEX['/proc/net/udp']}:{port:04X}")
+
+
+def send_unanswered(port: int, count: int) -> None:
+    """`count` datagrams from one connected socket, in batches nginx reads before the next (none may
+    overflow its socket); the client gets no answer and no error back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.connect(("127.0.0.1", port))
+        for start in range(0, count, 500):
+            for _ in range(min(500, count - start)):
+                client.send(b"page.views:1|c")
+            wait_for(lambda: queued(port) == 0, 5, what="nginx read the batch")
+        client.settimeout(0.2)
+        with pytest.raises(socket.timeout):  # not an empty datagram, not ECONNREFUSED from an ICMP error
+            client.recv(100)
+
+
+def test_datagrams_sent_while_a_route_has_no_backend_are_counted_exactly_across_nginx_restarts(
+        kube_api: KubeApiServer, proxyctl, udp_sinks, tmp_path: Path) -> None:
+    port = free_port()
+    sink = udp_sinks("127.0.0.2", port)
+    sidecar = proxyctl(routes(port), start=False).start(wait_ready=False)  # not ready: no backend
+
+    def dropped() -> float | None:
+        return sidecar.metric("proxyctl_route_no_backend_datagrams_total", '{route="statsd"}')
+
+    def without_backend() -> float:
+        value = sidecar.metric("proxyctl_route_no_backend_seconds_total", '{route="statsd"}')
+        assert value is not None
+        return value
+
+    wait_for(lambda: dropped() == 0, 20, what="the route served without a backend")
+    first = 5_000  # more than a block of the tally file holds: proxyctl must free blocks as it grows
+    send_unanswered(port, first)
+    wait_for(lambda: dropped() == first, 5, what=f"{first} datagrams counted")
+    assert kernel_drops(port) == 0  # every datagram reached nginx: the count is nginx's alone
+
+    master = sidecar.nginx_pid("statsd")
+    os.kill(master, signal.SIGKILL)
+    wait_for(lambda: sidecar.nginx_pid("statsd") != master and "nginx started again" in sidecar.log(), 15,
+             what="the route's nginx started again")
+    assert dropped() == first
+    send_unanswered(port, 7)
+    wait_for(lambda: dropped() == first + 7, 5, what="datagrams after the restart counted")
+    assert kernel_drops(port) == 0
+
+    tally = sidecar.state_dir / "routes" / "statsd" / "statsd.no-backend"
+    wait_for(lambda: tally.stat().st_blocks * 512 <= tally.stat().st_blksize, 15, interval=0.2,
+             what="the tally file's blocks freed")
+    assert tally.stat().st_size == first + 7
+
+    waited = without_backend()
+    assert waited > 0
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    wait_for(lambda: sidecar.get("/readyz")[0] == 200, 10, what="ready with a backend")
+    # The old worker wrote what it held when it exited: still exactly what was sent.
+    assert dropped() == first + 7
+    sent = 0
+
+    def delivered() -> bool:  # the old worker may take datagrams ~100 ms longer: those are dropped, and counted
+        nonlocal sent
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"delivered:1|c", ("127.0.0.1", port))
+        sent += 1
+        return bool(sink.received)
+
+    wait_for(delivered, 5, interval=0.01, what="a datagram at the backend")
+    wait_for(lambda: sidecar.metric("proxyctl_route_sessions_total", '{route="statsd"}') == len(sink.received),
+             5, what="the forwarded datagrams counted")
+    wait_for(lambda: dropped() + len(sink.received) == first + 7 + sent, 5,  # the old worker writes as it exits
+             what="each datagram forwarded or counted as dropped")
+    stopped = without_backend()
+    assert stopped >= waited and without_backend() == stopped  # it stopped growing with a backend
+
+    log = sidecar.log()
+    assert log.count("route statsd has no backend: nginx drops the datagrams") == 1
+    assert log.count("route statsd has a backend again") == 1
+    assert log.count("route forward has no backend: nothing listens on port") == 1
+
+
+def test_a_connect_refused_by_a_backend_is_an_upstream_failure_of_that_route_only(
+        kube_api: KubeApiServer, proxyctl, tcp_echoes) -> None:
+    refusing, working = free_port(), free_port()
+    tcp_echoes("127.0.0.2", working)
+    kube_api.add_pod("closed", NS, {"app": "closed"}, node="node-a", ip="127.0.0.3")  # nothing listens there
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(f"routes:\n  - {{name: logs, port: {refusing}, protocol: tcp, selector: app=closed, "
+                       f"namespace: {NS}}}\n"
+                       f"  - {{name: forward, port: {working}, protocol: tcp, selector: app=agent, namespace: {NS}}}\n")
+
+    def failures() -> dict[tuple[str, str], float]:
+        families = {f.name: f for f in text_string_to_metric_families(sidecar.get("/metrics")[1])}
+        return {(s.labels["route"], s.labels["reason"]): s.value
+                for s in families["proxyctl_route_upstream_failures"].samples}
+
+    reasons = {"connect_failed", "timeout", "no_live_upstreams", "out_of_connections"}
+    assert failures() == {(route, reason): 0 for route in ("logs", "forward") for reason in reasons}
+    assert tcp_exchange(working, b"ping") == b"127.0.0.2:ping"
+    for attempt in range(1, 4):
+        assert tcp_exchange(refusing, b"lost") == b""  # nginx accepted, then closed: its backend refused
+        wait_for(lambda: failures()[("logs", "connect_failed")] == attempt, 5, what=f"failure {attempt} counted")
+    assert {key: value for key, value in failures().items() if value} == {("logs", "connect_failed"): 3}
+    wait_for(lambda: sidecar.metric("proxyctl_route_sessions_total", '{route="logs"}') == 3, 5,
+             what="the failed sessions counted as sessions too")
+    assert sidecar.metric("proxyctl_route_sessions_total", '{route="forward"}') == 1
+
+    # nginx logged each; proxyctl passes the first on and holds back the rest for a minute.
+    shown = [line for line in sidecar.log().splitlines() if "connect() failed (111: Connection refused)" in line]
+    assert len(shown) == 1 and "ERROR proxyctl.nginx: nginx logs: " in shown[0], shown
+    assert "shown at most once every 60s" in shown[0]
+
+
+def test_nginx_error_lines_are_read_as_upstream_failures_by_reason() -> None:
+    lines = {  # as nginx 1.22 logs them (the first two seen in these tests; the rest from its source)
+        '2026/12/03 00:12:33 [error] 14771#14771: *14 connect() failed (111: Connection refused) while connecting '
+        'to upstream, client: 127.0.0.1, server: 127.0.0.1:47314, upstream: "127.0.0.9:47313"': "connect_failed",
+        "2026/12/03 00:12:33 [error] 7#7: *3 connect() to 10.0.0.9:24224 failed (113: No route to host) while "
+        "connecting to upstream": "connect_failed",
+        "2026/12/03 00:12:33 [error] 7#7: *3 upstream timed out (110: Connection timed out) while connecting to "
+        "upstream": "timeout",
+        "2026/12/03 00:12:33 [error] 7#7: *9 no live upstreams while connecting to upstream": "no_live_upstreams",
+        "2026/12/03 00:12:33 [alert] 7#7: 1024 worker_connections are not enough": "out_of_connections",
+        "2026/12/03 00:12:33 [alert] 7#7: *5 socket() failed (24: Too many open files) while connecting to "
+        "upstream": "out_of_connections",
+        "2026/12/03 00:12:33 [warn] 7#7: 1024 worker_connections are not enough, reusing connections": None,
+        "2026/12/03 00:12:33 [info] 7#7: *2 udp timed out, packets from/to client:1/0": None,
+        "2026/12/03 00:12:33 [info] 7#7: *2 connection timed out (110: Connection timed out)": None,
+        "2026/12/03 00:12:33 [notice] 7#7: start worker process 9": None,
+    }
+    assert {line: upstream_failure(line) for line in lines} == lines

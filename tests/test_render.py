@@ -62,3 +62,12 @@ def test_a_tcp_route_without_backend_has_no_listener_and_udp_keeps_its_port() ->
     text = render(load_config(_routes()), {}, Path("/state"), ipv6_loopback=False)
     assert "24224;" not in text and "upstream logs" not in text
     assert "listen 127.0.0.1:8125 udp" in text and 'return "";' in text
+
+
+def test_each_server_tallies_its_sessions_in_a_file_of_its_route() -> None:
+    """Forwarded sessions, and datagrams a UDP route without backend drops; a refusing TCP route has no server."""
+    backends = {"logs": [Backend("10.0.0.5", 24224)]}
+    text = render(load_config(_routes()), backends, Path("/state"), ipv6_loopback=False)
+    assert "log_format proxyctl_tally '';" in text
+    assert re.findall(r"access_log (\S+) proxyctl_tally buffer=32k flush=1s;", text) == [
+        '"/state/logs.sessions"', '"/state/metrics.no-backend"']

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 
+import pytest
 from hypothesis import given, strategies as st
 
-from proxyctl.traffic import RunningTotal, established, granted_receive_buffer, sockets, udp_drops
+from proxyctl.traffic import RunningTotal, Tally, established, granted_receive_buffer, sockets, udp_drops
 
 # As Linux prints them (x86-64): nginx on 127.0.0.1:8125 and [::1]:8125, a backend on 127.0.0.2:8125,
 # and nginx's connected socket toward it from an ephemeral port.
@@ -75,3 +78,38 @@ def test_a_running_total_never_decreases_as_sockets_come_and_go() -> None:
 def test_a_mangled_row_never_keeps_the_others_from_being_read(fields: list[str], junk: str) -> None:
     text = UDP6 + " ".join(fields) + junk.replace("\n", " ") + "\n"
     assert sockets(text)[0] == sockets(UDP6)[0]
+
+
+@pytest.mark.parametrize("where", ["state dir on disk", "state dir on tmpfs"])
+def test_a_tally_file_keeps_its_count_as_its_blocks_are_freed(where: str, tmp_path: Path) -> None:
+    """nginx appends a byte per session (O_APPEND, as it opens logs); the count is the size, the blocks go."""
+    directory = tmp_path
+    if where == "state dir on tmpfs":
+        if not Path("/dev/shm").is_dir():
+            pytest.skip("no /dev/shm here")
+        directory = Path("/dev/shm") / f"proxyctl-test-{os.getpid()}"
+        directory.mkdir(exist_ok=True)
+    path = directory / "statsd.no-backend"
+    tally = Tally()
+    assert tally.count(path) == 0  # nothing counted yet: no file
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            total = 0
+            for _ in range(3):
+                os.write(fd, b"\n" * 100_000)
+                total += 100_000
+                tally.free(path)
+                stat = path.stat()
+                assert (stat.st_size, tally.count(path)) == (total, total)
+                assert stat.st_blocks * 512 <= stat.st_blksize, stat  # only the block written to now
+        finally:
+            os.close(fd)
+        path.unlink()  # gone, then made again from 0 (as if removed by hand): the counter goes on from 300,000
+        assert tally.count(path) == total
+        path.write_bytes(b"\n" * 5)
+        assert tally.count(path) == total + 5
+    finally:
+        if where == "state dir on tmpfs":
+            path.unlink(missing_ok=True)
+            directory.rmdir()

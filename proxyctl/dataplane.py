@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from proxyctl.backend import Backend
 from proxyctl.config import Route
 from proxyctl.nginx import Nginx, NginxError, end_stale
 
@@ -43,7 +44,7 @@ class Wanted:
 
     route: Route
     text: str
-    backends: tuple[str, ...]
+    backends: tuple[Backend, ...]
 
 
 class Instance:
@@ -129,6 +130,7 @@ class DataPlane:
             instance = self.instances.get(route) or self._add(route)
             instance.wanted = want
             if not instance.pending:
+                instance.served = want  # the same text and addresses; what is known of their pods may be newer
                 instance.failure, instance.attempts, instance.due = "", 0, 0.0
                 continue
             if instance.due > time.monotonic() or instance.restart_at is not None:
@@ -175,7 +177,7 @@ class DataPlane:
         nginx.reload(RELOAD_TIMEOUT)
         self.last_reload_seconds, self.last_reload_at = time.monotonic() - began, time.time()
         self.reloads += 1
-        log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
+        log.info("reloaded nginx: %s -> %s", route, ", ".join(map(str, instance.wanted.backends)) or "no backend")
         self._limit_draining(nginx)
         self._served(instance)
 

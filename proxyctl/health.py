@@ -167,9 +167,17 @@ def _route(path: str, current: Status, traffic: Callable[[], list[RouteTraffic]]
     if path == "/metrics":
         return 200, exposition(current, traffic()), "text/plain; version=0.0.4"
     if path == "/routes":
-        body = {"routes": [r.__dict__ for r in current.routes]}
-        return 200, json.dumps(body, indent=2) + "\n", "application/json"
+        return 200, json.dumps(_routes(current), indent=2) + "\n", "application/json"
     return 404, "not found: try /healthz /readyz /metrics /routes\n", "text/plain"
+
+
+def _routes(current: Status) -> dict[str, object]:
+    """What each route's nginx forwards to, and the pod behind each address: its node, whether
+    it is another node's (the anyNode fallback) and whether it is terminating."""
+    return {"routes": [{"name": r.name, "port": r.port, "protocol": r.protocol,
+                        "backends": [{"address": str(b), "pod": b.pod, "node": b.node, "fallback": b.fallback,
+                                      "terminating": b.terminating} for b in r.backends]}
+                       for r in current.routes]}
 
 
 def _response(code: int, body: str, content_type: str = "text/plain", head_only: bool = False) -> bytes:

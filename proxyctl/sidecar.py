@@ -95,7 +95,7 @@ class Sidecar:
             backends = endpoints.get(route.key, [])
             text = render_route(config, route, backends, self.dataplane.directory(route.key), self.stream_module,
                                 self.template, self.open_files)
-            wanted[route.key] = Wanted(route, text, tuple(str(b) for b in backends))
+            wanted[route.key] = Wanted(route, text, tuple(backends))
         return wanted
 
     def _try_new_config(self) -> None:
@@ -248,7 +248,7 @@ def _raise_open_files_limit() -> int:
 
 
 def _summary(wanted: Mapping[str, Wanted]) -> str:
-    return "; ".join(f"{name} -> {', '.join(w.backends) or 'no backend'}" for name, w in wanted.items())
+    return "; ".join(f"{name} -> {', '.join(map(str, w.backends)) or 'no backend'}" for name, w in wanted.items())
 
 
 def _identity(env: Mapping[str, str], stopping: threading.Event) -> Identity | None:

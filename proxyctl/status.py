@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxyctl.backend import Backend
+
 
 @dataclass(frozen=True)
 class RouteStatus:
     name: str
     port: int
     protocol: str
-    backends: list[str]
+    backends: list[Backend]  # with the pod each came from, as discovery last knew it
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def warnings(sidecar: Proxyctl) -> Counter[str]:
 
 def backends(sidecar: Proxyctl) -> set[str]:
     code, body = sidecar.get("/routes")
-    return {b for route in (json.loads(body)["routes"] if code == 200 else []) for b in route["backends"]}
+    return {b["address"] for route in (json.loads(body)["routes"] if code == 200 else []) for b in route["backends"]}
 
 
 def proc_status(pid: int, key: str) -> int:

@@ -16,7 +16,7 @@ from proxyctl.backend import Backend, Listener, own_addresses, plain_ip, unusabl
 from proxyctl.config import Config, Route
 from proxyctl.kube import Api, Identity, identity
 from proxyctl.render import has_ipv6_loopback, listen_addresses
-from proxyctl.watch import Watch, WatchKey, list_objects
+from proxyctl.watch import Requests, Watch, WatchKey, list_objects
 
 log = logging.getLogger("proxyctl.discovery")
 
@@ -163,8 +163,8 @@ class PodWatch(Watch[Pod]):
     """Lists, then watches, one `WatchKey`'s pods; calls `on_change` whenever they change."""
 
     def __init__(self, key: WatchKey, client: Callable[[bool], Api], timeout: float,
-                 on_change: Callable[[], None]) -> None:
-        super().__init__(key, client, timeout, on_change, parse_pod)
+                 on_change: Callable[[], None], requests: Requests) -> None:
+        super().__init__(key, client, timeout, on_change, parse_pod, requests)
 
 
 # --- all routes ----------------------------------------------------------------------------------
@@ -186,6 +186,7 @@ class Discovery:
         self._listeners: list[Listener] = []
         self.watches: dict[WatchKey, PodWatch] = {}
         self._closed_restarts = 0  # restarts of watches closed since: the counter never goes down
+        self.requests = Requests()  # of every watch, closed ones included: /metrics
         self._served: dict[str, list[Backend]] = {}  # what endpoints() last gave, per route
         self._held_since: dict[str, float] = {}  # anyNode routes keeping their backends, since when
         self._notes: dict[str, list[str]] = {}  # skipped pods and backends, per route, as last logged
@@ -218,7 +219,7 @@ class Discovery:
         self._close(set(self.watches) - wanted)
         for key in wanted - set(self.watches):
             log.info("watching %s", key)
-            watch = PodWatch(key, self.client, self.watch_timeout, self._changed)
+            watch = PodWatch(key, self.client, self.watch_timeout, self._changed, self.requests)
             self.watches[key] = watch
             watch.start()
             threading.Thread(target=self._await_list, args=(watch,), name=f"listed? {key}", daemon=True).start()

@@ -56,7 +56,21 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str
     lines += _family("proxyctl_route_tcp_connections", "gauge",
                      "TCP connections open from the application to the route's port.",
                      [(t.name, t.connections) for t in tcp])
+    lines += _discovery(status)
     return "\n".join(lines) + "\n"
+
+
+def _discovery(status: Status) -> list[str]:
+    """What discovery asked of the API server, and how each request ended."""
+    if not status.kube_requests:
+        return []
+    name = "proxyctl_kube_requests_total"
+    return [f"# HELP {name} list and watch requests to the Kubernetes API by how they ended: ok, gone (410), "
+            "throttled (429), unauthorized (401), forbidden (403), client_error, server_error, timeout, "
+            "transport_error, malformed, unexpected. Counted when each ends, so an open watch is not yet counted.",
+            f"# TYPE {name} counter",
+            *(f'{name}{{verb="{verb}",outcome="{outcome}"}} {count}'
+              for (verb, outcome), count in status.kube_requests.items())]
 
 
 def _family(name: str, kind: str, text: str, samples: list[tuple[str | None, float]]) -> list[str]:

@@ -229,7 +229,7 @@ class Sidecar:
                              self.config_failures + self.dataplane.failures, self.config_valid,
                              self.discovery.restarts, self.dataplane.restarts, self.discovery.watch_ages(),
                              self.discovery.on_fallback(), self.dataplane.last_reload_seconds,
-                             self.dataplane.last_reload_at)
+                             self.dataplane.last_reload_at, self.discovery.requests.totals())
 
     def traffic(self) -> list[RouteTraffic]:
         """What the kernel counted for the routes nginx serves; read per /metrics scrape, from its thread."""

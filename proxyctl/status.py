@@ -32,3 +32,4 @@ class Status:
     on_fallback: frozenset[str] = frozenset()  # routes served by other nodes' pods (anyNode)
     last_reload_seconds: float | None = None  # how long the latest successful reload took
     last_reload_at: float | None = None  # when it ended, Unix time
+    kube_requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (verb, outcome) → list/watch requests

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,70 @@ def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
         wait_for(lambda: age() > 2.5 * watch_timeout, 10, interval=0.1, what="the watch age past 2.5 × watchTimeout")
         assert sidecar.get("/healthz")[0] == 200
         assert kube_api.count(watch=True) > watches  # replaced meanwhile: a connection answered is not news
+        assert kube_requests(sidecar)["watch", "timeout"] >= 1  # each replaced for its read timeout
     finally:
         kube_api.stall_watches = False
     kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
     wait_for(lambda: age() < watch_timeout, 10, interval=0.1, what="the age back under watchTimeout")
+
+
+def kube_requests(sidecar: Proxyctl) -> dict[tuple[str, str], float]:
+    """proxyctl_kube_requests_total by (verb, outcome), read with Prometheus' parser."""
+    families = {f.name: f for f in text_string_to_metric_families(sidecar.get("/metrics")[1])}
+    return {(s.labels["verb"], s.labels["outcome"]): s.value for s in families["proxyctl_kube_requests"].samples
+            if s.name == "proxyctl_kube_requests_total"}
+
+
+def test_list_and_watch_requests_by_outcome_are_what_the_api_server_saw(
+        kube_api: KubeApiServer, proxyctl) -> None:
+    """Each fault ends the one open watch (a cut: transport_error), then hits the request that
+    resumes it; the counts survive the watch being closed by a config change."""
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    port = free_port()
+    sidecar = proxyctl(routes(port))  # two routes, one selector: one watch
+    cuts = 0
+
+    def cut() -> None:
+        nonlocal cuts
+        wait_for(lambda: kube_api.open_watches == 1, 10, what="the one watch open")
+        kube_api.reset_watches()
+        cuts += 1
+        kube_api.update_pod(NS, "agent", ready=True)  # news for the next watch, which starts the backoff afresh
+
+    for status in (429, 500, 401, 403, 404, 410):  # 410 as an HTTP status: a relist follows
+        kube_api.fail_next(1, status, retry_after="0" if status == 429 else None)
+        cut()
+    kube_api.reset_next(1)  # the resumed watch's connection is reset
+    cut()
+    # The watch's version compacted away while it heard nothing: 410 as an ERROR event of a 200 stream.
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="the one watch open")
+    kube_api.stall_watches = True
+    kube_api.add_pod("web", "default", {"app": "web"})
+    kube_api.compact()
+    compacted, compacted_at = kube_api.resource_version, time.time()
+    cut()
+    kube_api.stall_watches = False
+    wait_for(lambda: kube_api.count(watch=False) == 3, 10, what="the relist after the ERROR event")
+    wait_for(lambda: kube_api.open_watches == 1, 10, what="the one watch open")
+    # A new selector closes that watch (proxyctl ends it: ok) and opens another.
+    sidecar.configmap.write(sidecar.with_health(routes(port).replace("app=agent", "app in (agent)")))
+    wait_for(lambda: kube_api.count(watch=False) == 4 and kube_api.open_watches == 1, 10, what="the new watch")
+
+    outcomes = {None: "transport_error", 200: "ok", 401: "unauthorized", 403: "forbidden", 404: "client_error",
+                410: "gone", 429: "throttled", 500: "server_error"}
+    seen: Counter[tuple[str, str]] = Counter()
+    for request in kube_api.requests:
+        result = outcomes[request.status]
+        if request.is_watch and request.status == 200 and request.time > compacted_at \
+                and int(request.query["resourceVersion"]) < compacted:
+            result = "gone"
+        seen["watch" if request.is_watch else "list", result] += 1
+    seen["watch", "ok"] -= cuts + 1  # the cut ones ended in a reset; the open one is not counted yet
+    seen["watch", "transport_error"] += cuts
+    expected = {key: value for key, value in seen.items() if value}
+    assert expected[("watch", "gone")] == 2 and expected[("watch", "ok")] == 1
+
+    def counted() -> dict[tuple[str, str], float]:
+        return {key: value for key, value in kube_requests(sidecar).items() if value}
+
+    wait_for(lambda: counted() == expected, 5, what=f"the counts {expected}, have {counted()}")

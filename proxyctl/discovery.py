@@ -192,6 +192,9 @@ class Discovery:
         self._notes: dict[str, list[str]] = {}  # skipped pods and backends, per route, as last logged
         self._on_fallback: set[str] = set()  # anyNode routes that endpoints() gave other nodes' pods
         self._stopped = False
+        self._stopping = threading.Event()  # ends the thread that watches the watches' silence
+        self._silent: dict[str, float] = {}  # route → when its watch last heard, while silent too long
+        threading.Thread(target=self._follow_silence, name="watch silence", daemon=True).start()
 
     def client(self, reload: bool = False) -> Api:
         """The shared API client; `reload=True` builds it anew from fresh credentials."""
@@ -333,11 +336,35 @@ class Discovery:
             watches = {r.key: self.watches.get(WatchKey.of(r, self.me)) for r in self._routes}
             return {route: now - watch.last_heard for route, watch in watches.items() if watch is not None}
 
+    def _follow_silence(self) -> None:
+        while not self._stopping.wait(min(1.0, self.watch_timeout / 4)):
+            self.say_silence(time.monotonic())
+
+    def say_silence(self, now: float) -> None:
+        """Say once when a route's watch has not heard from the API for longer than watchTimeout
+        (as proxyctl_watch_last_event_age_seconds shows), and once when it hears again."""
+        with self._lock:
+            heard = {route.key: watch.last_heard for route in self._routes
+                     if (watch := self.watches.get(WatchKey.of(route, self.me))) is not None}
+            timeout = self.watch_timeout
+        for route in set(self._silent) - set(heard):
+            del self._silent[route]
+        for route, last in heard.items():
+            since = self._silent.get(route)
+            if since is None and now - last > timeout:
+                self._silent[route] = last
+                log.warning("route %s: no word from the API for %.1fs, more than watchTimeout (%gs); its backends "
+                            "stay as last heard", route, now - last, timeout)
+            elif since is not None and last != since:
+                del self._silent[route]
+                log.info("route %s: the API is heard from again, after %.1fs of silence", route, last - since)
+
     def stalled(self) -> list[str]:
         with self._lock:
             return [str(w.key) for w in self.watches.values() if w.stalled()]
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._lock:
             self._stopped = True
             self._close(set(self.watches))

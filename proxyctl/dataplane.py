@@ -292,6 +292,21 @@ class DataPlane:
                 problems.append(f"route {route}: the latest change is not applied yet, retrying: {instance.failure}")
         return problems
 
+    def pids(self) -> list[int]:
+        """Every nginx process that runs: each master, its worker and the old workers still
+        draining, removed routes' too (for their memory in /metrics)."""
+        pids = []
+        for nginx in [i.nginx for i in list(self.instances.values())] + [n for n, _ in list(self.retiring)]:
+            process = nginx.process
+            if nginx.running and process is not None:
+                pids += [process.pid, *([nginx.worker] if nginx.worker else []), *nginx.old_workers()]
+        return pids
+
+    def draining(self) -> dict[str, int]:
+        """Old workers each route's nginx still has draining connections after its reloads."""
+        return {route: len(instance.nginx.old_workers()) for route, instance in list(self.instances.items())
+                if instance.served is not None}
+
     @property
     def pending(self) -> bool:
         return any(i.pending for i in self.instances.values())

@@ -7,8 +7,8 @@ from proxyctl.status import Status
 from proxyctl.traffic import RouteTraffic
 
 
-def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str:
-    """The Prometheus text format (0.0.4); `traffic` is read from the kernel per scrape."""
+def exposition(status: Status, traffic: list[RouteTraffic] | None = None, memory: dict[str, int] | None = None) -> str:
+    """The Prometheus text format (0.0.4); `traffic` and `memory` are read from the kernel per scrape."""
     lines = [
         "# HELP proxyctl_reloads_total nginx reloads that applied a new config.",
         "# TYPE proxyctl_reloads_total counter",
@@ -57,6 +57,17 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str
                      "TCP connections open from the application to the route's port.",
                      [(t.name, t.connections) for t in tcp])
     lines += _discovery(status)
+    lines += _family("proxyctl_route_draining_workers", "gauge",
+                     "old nginx workers of the route still draining connections after reloads; each holds memory "
+                     "until its connections end or drainTimeout passes.", sorted(status.draining_workers.items()))
+    if memory:
+        name = "proxyctl_memory_pss_bytes"
+        lines += [f"# HELP {name} proportional set size of proxyctl and of all its nginx processes (masters, "
+                  "workers, draining workers): shared pages count once in all, so the two add up to what they cost "
+                  "together, the closest per-process figure to the container's working set; RSS would count pages "
+                  "nginx processes share once per process.",
+                  f"# TYPE {name} gauge",
+                  *(f'{name}{{process="{process}"}} {size}' for process, size in sorted(memory.items()))]
     return "\n".join(lines) + "\n"
 
 

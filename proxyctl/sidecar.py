@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from proxyctl import health, logs
+from proxyctl import health, logs, memory
 from proxyctl.config import Config, ConfigError, ConfigUnreadable, read_config
 from proxyctl.configwatch import watch_config
 from proxyctl.dataplane import DataPlane, Wanted, describe
@@ -162,7 +162,7 @@ class Sidecar:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
         try:
-            server = health.serve(self.config.health, self.status, self.traffic)
+            server = health.serve(self.config.health, self.status, self.traffic, self.memory)
         except OSError as exc:  # the port is taken, or the address is not this pod's
             log.error("cannot serve health on %s: %s", self.config.health, exc.strerror or exc)
             self.discovery.stop()
@@ -229,13 +229,18 @@ class Sidecar:
                              self.config_failures + self.dataplane.failures, self.config_valid,
                              self.discovery.restarts, self.dataplane.restarts, self.discovery.watch_ages(),
                              self.discovery.on_fallback(), self.dataplane.last_reload_seconds,
-                             self.dataplane.last_reload_at, self.discovery.requests.totals())
+                             self.dataplane.last_reload_at, self.discovery.requests.totals(),
+                             self.dataplane.draining())
 
     def traffic(self) -> list[RouteTraffic]:
         """What the kernel counted for the routes nginx serves; read per /metrics scrape, from its thread."""
         served = [(s.route.key, s.route.protocol, s.route.port) for s in self.dataplane.served()]
         return self.meter.sample(served, listen_addresses(self.applied_config, has_ipv6_loopback()),
                                  UDP_RECEIVE_BUFFER)
+
+    def memory(self) -> dict[str, int]:
+        """PSS of proxyctl and of all its nginx processes; read per /metrics scrape, from its thread."""
+        return memory.usage(self.dataplane.pids())
 
 
 def _raise_open_files_limit() -> int:

@@ -33,3 +33,4 @@ class Status:
     last_reload_seconds: float | None = None  # how long the latest successful reload took
     last_reload_at: float | None = None  # when it ended, Unix time
     kube_requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (verb, outcome) → list/watch requests
+    draining_workers: dict[str, int] = field(default_factory=dict)  # route → old nginx workers still draining

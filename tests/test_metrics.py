@@ -268,3 +268,40 @@ def test_list_and_watch_requests_by_outcome_are_what_the_api_server_saw(
         return {key: value for key, value in kube_requests(sidecar).items() if value}
 
     wait_for(lambda: counted() == expected, 5, what=f"the counts {expected}, have {counted()}")
+
+
+def pss_bytes(pid: int) -> int:
+    """PSS as the kernel reports it, read here independently of proxyctl."""
+    (line,) = [line for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines() if line.startswith("Pss:")]
+    return int(line.split()[1]) * 1024
+
+
+def test_memory_and_draining_workers(kube_api: KubeApiServer, proxyctl, tcp_echoes) -> None:
+    port = free_port()
+    tcp_echoes("127.0.0.2", port)
+    tcp_echoes("127.0.0.3", port)
+    kube_api.add_pod("agent", NS, AGENT, node="node-a", ip="127.0.0.2")
+    sidecar = proxyctl(routes(port))
+    assert sidecar.process is not None
+
+    def draining() -> float | None:
+        return sidecar.metric("proxyctl_route_draining_workers", '{route="forward"}')
+
+    assert draining() == 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"ping")
+        assert client.recv(100) == b"127.0.0.2:ping"
+        kube_api.update_pod(NS, "agent", ip="127.0.0.3")  # a reload: the old worker keeps this connection
+        wait_for(lambda: draining() == 1, 10, what="the old worker draining")
+        wait_for(lambda: sidecar.metric("proxyctl_route_draining_workers", '{route="statsd"}') == 0, 10,
+                 what="the UDP route's old worker, with nothing to drain, gone")
+        nginx = [pid for master in sidecar.nginx_pids()
+                 for pid in [master, *map(int, Path(f"/proc/{master}/task/{master}/children").read_text().split())]]
+        assert len(nginx) == 5  # two masters and workers, and the old worker
+        shown = {p: sidecar.metric("proxyctl_memory_pss_bytes", f'{{process="{p}"}}') for p in ("proxyctl", "nginx")}
+        measured = {"proxyctl": pss_bytes(sidecar.process.pid), "nginx": sum(map(pss_bytes, nginx))}
+    print(f"\nPSS shown {shown}, measured {measured}")
+    for process, size in measured.items():
+        assert shown[process] == pytest.approx(size, rel=0.05)  # read a moment apart
+    assert 5 << 20 < measured["proxyctl"] < 200 << 20 and 0 < measured["nginx"] < 100 << 20
+    wait_for(lambda: draining() == 0, 10, what="the old worker gone once its connection closed")

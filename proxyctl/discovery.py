@@ -338,9 +338,9 @@ class Discovery:
 
     def _follow_silence(self) -> None:
         while not self._stopping.wait(min(1.0, self.watch_timeout / 4)):
-            self.say_silence(time.monotonic())
+            self._say_silence(time.monotonic())
 
-    def say_silence(self, now: float) -> None:
+    def _say_silence(self, now: float) -> None:
         """Say once when a route's watch has not heard from the API for longer than watchTimeout
         (as proxyctl_watch_last_event_age_seconds shows), and once when it hears again."""
         with self._lock:

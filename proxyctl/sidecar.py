@@ -162,7 +162,7 @@ class Sidecar:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
         try:
-            server = health.serve(self.config.health, self.status, self.traffic, self.memory)
+            server = health.serve(self.config.health, self.status, self.traffic, self.pss)
         except OSError as exc:  # the port is taken, or the address is not this pod's
             log.error("cannot serve health on %s: %s", self.config.health, exc.strerror or exc)
             self.discovery.stop()
@@ -238,7 +238,7 @@ class Sidecar:
         return self.meter.sample(served, listen_addresses(self.applied_config, has_ipv6_loopback()),
                                  UDP_RECEIVE_BUFFER)
 
-    def memory(self) -> dict[str, int]:
+    def pss(self) -> dict[str, int]:
         """PSS of proxyctl and of all its nginx processes; read per /metrics scrape, from its thread."""
         return memory.usage(self.dataplane.pids())
 

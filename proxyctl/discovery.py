@@ -193,7 +193,7 @@ class Discovery:
         self._on_fallback: set[str] = set()  # anyNode routes that endpoints() gave other nodes' pods
         self._stopped = False
         self._stopping = threading.Event()  # ends the thread that watches the watches' silence
-        self._silent: dict[str, float] = {}  # route → when its watch last heard, while silent too long
+        self._silent: dict[WatchKey, float] = {}  # watch → when it last heard, while silent too long
         threading.Thread(target=self._follow_silence, name="watch silence", daemon=True).start()
 
     def client(self, reload: bool = False) -> Api:
@@ -341,23 +341,28 @@ class Discovery:
             self._say_silence(time.monotonic())
 
     def _say_silence(self, now: float) -> None:
-        """Say once when a route's watch has not heard from the API for longer than watchTimeout
-        (as proxyctl_watch_last_event_age_seconds shows), and once when it hears again."""
+        """Say once when a watch of this node's pods has not heard from the API for longer than
+        watchTimeout (as proxyctl_watch_last_event_age_seconds shows for its routes), naming
+        them, and once when it hears again."""
         with self._lock:
-            heard = {route.key: watch.last_heard for route in self._routes
-                     if (watch := self.watches.get(WatchKey.of(route, self.me))) is not None}
+            routes: dict[WatchKey, list[str]] = {}
+            for route in self._routes:
+                routes.setdefault(WatchKey.of(route, self.me), []).append(route.key)
+            heard = {key: (watch.last_heard, names) for key, names in routes.items()
+                     if (watch := self.watches.get(key)) is not None}
             timeout = self.watch_timeout
-        for route in set(self._silent) - set(heard):
-            del self._silent[route]
-        for route, last in heard.items():
-            since = self._silent.get(route)
+        for key in set(self._silent) - set(heard):
+            del self._silent[key]
+        for key, (last, names) in heard.items():
+            since = self._silent.get(key)
+            which = f"route{'s' if len(names) > 1 else ''} {', '.join(names)}"
             if since is None and now - last > timeout:
-                self._silent[route] = last
-                log.warning("route %s: no word from the API for %.1fs, more than watchTimeout (%gs); its backends "
-                            "stay as last heard", route, now - last, timeout)
+                self._silent[key] = last
+                log.warning("%s: no word from the API for %.1fs, more than watchTimeout (%gs), on %s; backends "
+                            "stay as last heard", which, now - last, timeout, key)
             elif since is not None and last != since:
-                del self._silent[route]
-                log.info("route %s: the API is heard from again, after %.1fs of silence", route, last - since)
+                del self._silent[key]
+                log.info("%s: the API is heard from again, after %.1fs of silence", which, last - since)
 
     def stalled(self) -> list[str]:
         with self._lock:

@@ -200,10 +200,10 @@ def test_a_stalled_api_shows_as_a_growing_watch_age_while_healthz_stays_200(
         kube_api.stall_watches = False
     kube_api.add_pod("agent-2", NS, AGENT, node="node-a", ip="127.0.0.3")
     wait_for(lambda: age() < watch_timeout, 10, interval=0.1, what="the age back under watchTimeout")
-    again = r"INFO .*route statsd: the API is heard from again, after ([\d.]+)s of silence"
+    again = r"INFO .*routes statsd, forward: the API is heard from again, after ([\d.]+)s of silence"
     heard_again = wait_for(lambda: re.findall(again, sidecar.log()), 5, what="the end of the silence said")
-    silent = re.findall(r"WARNING .*route statsd: no word from the API for ([\d.]+)s, more than watchTimeout \(1s\)",
-                        sidecar.log())
+    silent = re.findall(r"WARNING .*routes statsd, forward: no word from the API for ([\d.]+)s, more than "
+                        r"watchTimeout \(1s\), on pods 'app=agent' in monitoring on node node-a;", sidecar.log())
     assert len(silent) == 1 and len(heard_again) == 1  # once per spell, however long it lasts
     assert watch_timeout < float(silent[0]) < 2 * watch_timeout and float(heard_again[0]) > 2.5 * watch_timeout
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Mapping
 
 
@@ -20,10 +20,19 @@ def plain_ip(value: object) -> str:
 
 @dataclass(frozen=True, order=True)
 class Backend:
-    """One upstream server. The IP is checked, so it is safe to write into nginx.conf."""
+    """One upstream server. The IP is checked, so it is safe to write into nginx.conf.
+
+    The pod it came from (when discovery found it) rides along for /routes. It is no part
+    of what the backend is (equality, order), so a pod that only starts terminating or is
+    seen anew changes no nginx.conf and reloads nothing.
+    """
 
     ip: str
     port: int
+    pod: str | None = field(default=None, compare=False)
+    node: str | None = field(default=None, compare=False)
+    terminating: bool = field(default=False, compare=False)  # deleted, yet Ready: it serves while it drains
+    fallback: bool = field(default=False, compare=False)  # another node's pod, for an anyNode route
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ip", plain_ip(self.ip))

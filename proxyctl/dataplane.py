@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from proxyctl.backend import Backend
 from proxyctl.config import Route
 from proxyctl.nginx import Nginx, NginxError, end_stale
 from proxyctl.traffic import NO_BACKEND, SESSIONS, Tally, tally_path
@@ -48,7 +49,7 @@ class Wanted:
 
     route: Route
     text: str
-    backends: tuple[str, ...]
+    backends: tuple[Backend, ...]
 
 
 class Instance:
@@ -141,6 +142,7 @@ class DataPlane:
             instance = self.instances.get(route) or self._add(route)
             instance.wanted = want
             if not instance.pending:
+                instance.served = want  # the same text and addresses; what is known of their pods may be newer
                 instance.failure, instance.attempts, instance.due = "", 0, 0.0
                 continue
             if instance.due > time.monotonic() or instance.restart_at is not None:
@@ -189,7 +191,7 @@ class DataPlane:
         nginx.reload(RELOAD_TIMEOUT)
         self.last_reload_seconds, self.last_reload_at = time.monotonic() - began, time.time()
         self.reloads += 1
-        log.info("reloaded nginx: %s -> %s", route, ", ".join(instance.wanted.backends) or "no backend")
+        log.info("reloaded nginx: %s -> %s", route, ", ".join(map(str, instance.wanted.backends)) or "no backend")
         self._limit_draining(nginx)
         self._served(route, instance)
 
@@ -331,6 +333,21 @@ class DataPlane:
             elif instance.failure:
                 problems.append(f"route {route}: the latest change is not applied yet, retrying: {instance.failure}")
         return problems
+
+    def pids(self) -> list[int]:
+        """Every nginx process that runs: each master, its worker and the old workers still
+        draining, removed routes' too (for their memory in /metrics)."""
+        pids = []
+        for nginx in [i.nginx for i in list(self.instances.values())] + [n for n, _ in list(self.retiring)]:
+            process = nginx.process
+            if nginx.running and process is not None:
+                pids += [process.pid, *([nginx.worker] if nginx.worker else []), *nginx.old_workers()]
+        return pids
+
+    def draining(self) -> dict[str, int]:
+        """Old workers each route's nginx still has draining connections after its reloads."""
+        return {route: len(instance.nginx.old_workers()) for route, instance in list(self.instances.items())
+                if instance.served is not None}
 
     @property
     def pending(self) -> bool:

@@ -16,7 +16,7 @@ from proxyctl.backend import Backend, Listener, own_addresses, plain_ip, unusabl
 from proxyctl.config import Config, Route
 from proxyctl.kube import Api, Identity, identity
 from proxyctl.render import has_ipv6_loopback, listen_addresses
-from proxyctl.watch import Watch, WatchKey, list_objects
+from proxyctl.watch import Requests, Watch, WatchKey, list_objects
 
 log = logging.getLogger("proxyctl.discovery")
 
@@ -43,14 +43,15 @@ class Pod:
         """Ready with an address: it takes traffic, even while terminating (an EndpointSlice's `serving`)."""
         return self.ip is not None and self.ready
 
-    def backend(self, route: Route) -> Backend | None:
-        """This serving pod as a backend of `route`: named target ports resolve per pod."""
+    def backend(self, route: Route, here: str) -> Backend | None:
+        """This serving pod as a backend of `route` for a sidecar on node `here`: named target
+        ports resolve per pod."""
         target = route.target_port or route.port
         port = self.ports.get(target) if isinstance(target, str) else target
         if not self.serving or port is None:
             return None
         assert self.ip is not None
-        return Backend(self.ip, port)
+        return Backend(self.ip, port, self.name, self.node, self.terminating, fallback=self.node != here)
 
 
 def parse_pod(obj: Any) -> Pod:
@@ -97,13 +98,13 @@ def _part(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def backends_of(route: Route, pods: Iterable[Pod]) -> list[Backend]:
+def backends_of(route: Route, pods: Iterable[Pod], here: str) -> list[Backend]:
     """The ready pods that are not terminating; when there are none, those terminating but
     still Ready, which still serve (kube-proxy falls back the same way, KEP-1669)."""
     staying: set[Backend] = set()
     leaving: set[Backend] = set()
     for pod in pods:
-        if (backend := pod.backend(route)) is not None:
+        if (backend := pod.backend(route, here)) is not None:
             (leaving if pod.terminating else staying).add(backend)
     return sorted(staying or leaving)
 
@@ -132,6 +133,21 @@ def usable(route: Route, backends: Iterable[Backend], listeners: Iterable[Listen
     return kept, notes
 
 
+def choose(route: Route, here: str, local: Iterable[Pod], everywhere: Iterable[Pod] | None,
+           listeners: Iterable[Listener], own: frozenset[str]) -> tuple[list[Backend], list[str]]:
+    """The backends `route` forwards to from node `here`, and a note for each pod or backend
+    passed over: local pods that stay, else local pods terminating but still Ready, else (an
+    anyNode route, once `everywhere` is listed) other nodes' pods; never a self-loop."""
+    listeners = list(listeners)
+    pods, notes = local_pods(local, here)
+    backends, skipped = usable(route, backends_of(route, pods, here), listeners, own)
+    notes += skipped
+    if backends or route.when_no_local_pod != "anyNode" or everywhere is None:
+        return backends, notes
+    backends, skipped = usable(route, backends_of(route, everywhere, here), listeners, own)
+    return backends, notes + skipped
+
+
 def listeners_of(config: Config) -> list[Listener]:
     """Every socket nginx listens on for `config`."""
     addresses = listen_addresses(config, has_ipv6_loopback())
@@ -147,8 +163,8 @@ class PodWatch(Watch[Pod]):
     """Lists, then watches, one `WatchKey`'s pods; calls `on_change` whenever they change."""
 
     def __init__(self, key: WatchKey, client: Callable[[bool], Api], timeout: float,
-                 on_change: Callable[[], None]) -> None:
-        super().__init__(key, client, timeout, on_change, parse_pod)
+                 on_change: Callable[[], None], requests: Requests) -> None:
+        super().__init__(key, client, timeout, on_change, parse_pod, requests)
 
 
 # --- all routes ----------------------------------------------------------------------------------
@@ -170,11 +186,15 @@ class Discovery:
         self._listeners: list[Listener] = []
         self.watches: dict[WatchKey, PodWatch] = {}
         self._closed_restarts = 0  # restarts of watches closed since: the counter never goes down
+        self.requests = Requests()  # of every watch, closed ones included: /metrics
         self._served: dict[str, list[Backend]] = {}  # what endpoints() last gave, per route
         self._held_since: dict[str, float] = {}  # anyNode routes keeping their backends, since when
         self._notes: dict[str, list[str]] = {}  # skipped pods and backends, per route, as last logged
         self._on_fallback: set[str] = set()  # anyNode routes that endpoints() gave other nodes' pods
         self._stopped = False
+        self._stopping = threading.Event()  # ends the thread that watches the watches' silence
+        self._silent: dict[WatchKey, float] = {}  # watch → when it last heard, while silent too long
+        threading.Thread(target=self._follow_silence, name="watch silence", daemon=True).start()
 
     def client(self, reload: bool = False) -> Api:
         """The shared API client; `reload=True` builds it anew from fresh credentials."""
@@ -202,7 +222,7 @@ class Discovery:
         self._close(set(self.watches) - wanted)
         for key in wanted - set(self.watches):
             log.info("watching %s", key)
-            watch = PodWatch(key, self.client, self.watch_timeout, self._changed)
+            watch = PodWatch(key, self.client, self.watch_timeout, self._changed, self.requests)
             self.watches[key] = watch
             watch.start()
             threading.Thread(target=self._await_list, args=(watch,), name=f"listed? {key}", daemon=True).start()
@@ -212,7 +232,7 @@ class Discovery:
         if route.when_no_local_pod != "anyNode" or local is None or not local.synced.is_set():
             return False
         staying = [pod for pod in local_pods(local.snapshot(), self.me.node)[0] if not pod.terminating]
-        return not usable(route, backends_of(route, staying), self._listeners, self._own)[0]
+        return not usable(route, backends_of(route, staying, self.me.node), self._listeners, self._own)[0]
 
     def _await_list(self, watch: PodWatch) -> None:
         """A first list that finds nothing changes nothing, so the watch does not report it; yet
@@ -265,21 +285,18 @@ class Discovery:
 
     def _choose(self, route: Route) -> tuple[list[Backend], list[str]]:
         local = self.watches.get(WatchKey.of(route, self.me))
-        pods, notes = local_pods(local.snapshot() if local else [], self.me.node)
-        backends, skipped = usable(route, backends_of(route, pods), self._listeners, self._own)
-        notes += skipped
+        fallback = self.watches.get(WatchKey.of(route, self.me, everywhere=True))
+        listed = fallback is not None and fallback.synced.is_set()
+        backends, notes = choose(route, self.me.node, local.snapshot() if local else [],
+                                 fallback.snapshot() if fallback is not None and listed else None,
+                                 self._listeners, self._own)
         self._on_fallback.discard(route.key)
-        if backends or route.when_no_local_pod != "anyNode":
+        if any(b.fallback for b in backends):
+            self._on_fallback.add(route.key)
+        if backends or route.when_no_local_pod != "anyNode" or listed:
             self._held_since.pop(route.key, None)
             return backends, notes
-        fallback = self.watches.get(WatchKey.of(route, self.me, everywhere=True))
-        if fallback is None or not fallback.synced.is_set():
-            return self._hold(route), notes
-        self._held_since.pop(route.key, None)
-        backends, skipped = usable(route, backends_of(route, fallback.snapshot()), self._listeners, self._own)
-        if backends:
-            self._on_fallback.add(route.key)
-        return backends, notes + skipped
+        return self._hold(route), notes
 
     def _hold(self, route: Route) -> list[Backend]:
         """Keep what `route` serves while other nodes' pods are listed, for at most FALLBACK_HOLD."""
@@ -319,11 +336,40 @@ class Discovery:
             watches = {r.key: self.watches.get(WatchKey.of(r, self.me)) for r in self._routes}
             return {route: now - watch.last_heard for route, watch in watches.items() if watch is not None}
 
+    def _follow_silence(self) -> None:
+        while not self._stopping.wait(min(1.0, self.watch_timeout / 4)):
+            self._say_silence(time.monotonic())
+
+    def _say_silence(self, now: float) -> None:
+        """Say once when a watch of this node's pods has not heard from the API for longer than
+        watchTimeout (as proxyctl_watch_last_event_age_seconds shows for its routes), naming
+        them, and once when it hears again."""
+        with self._lock:
+            routes: dict[WatchKey, list[str]] = {}
+            for route in self._routes:
+                routes.setdefault(WatchKey.of(route, self.me), []).append(route.key)
+            heard = {key: (watch.last_heard, names) for key, names in routes.items()
+                     if (watch := self.watches.get(key)) is not None}
+            timeout = self.watch_timeout
+        for key in set(self._silent) - set(heard):
+            del self._silent[key]
+        for key, (last, names) in heard.items():
+            since = self._silent.get(key)
+            which = f"route{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            if since is None and now - last > timeout:
+                self._silent[key] = last
+                log.warning("%s: no word from the API for %.1fs, more than watchTimeout (%gs), on %s; backends "
+                            "stay as last heard", which, now - last, timeout, key)
+            elif since is not None and last != since:
+                del self._silent[key]
+                log.info("%s: the API is heard from again, after %.1fs of silence", which, last - since)
+
     def stalled(self) -> list[str]:
         with self._lock:
             return [str(w.key) for w in self.watches.values() if w.stalled()]
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._lock:
             self._stopped = True
             self._close(set(self.watches))
@@ -336,13 +382,11 @@ def list_endpoints(config: Config, env: Mapping[str, str]) -> dict[str, list[Bac
     listeners, own = listeners_of(config), own_addresses(env)
     table = {}
     for route in config.routes:
-        pods, notes = local_pods(list_pods(core, WatchKey.of(route, me), 30)[0].values(), me.node)
-        backends, skipped = usable(route, backends_of(route, pods), listeners, own)
-        if not backends and route.when_no_local_pod == "anyNode":
+        local = list_pods(core, WatchKey.of(route, me), 30)[0].values()
+        everywhere = None
+        if route.when_no_local_pod == "anyNode" and not choose(route, me.node, local, None, listeners, own)[0]:
             everywhere = list_pods(core, WatchKey.of(route, me, everywhere=True), 30)[0].values()
-            backends, more = usable(route, backends_of(route, everywhere), listeners, own)
-            skipped += more
-        for note in notes + skipped:
+        table[route.key], notes = choose(route, me.node, local, everywhere, listeners, own)
+        for note in notes:
             log.warning("route %s: %s", route.key, note)
-        table[route.key] = backends
     return table

@@ -40,7 +40,7 @@ class Server:
     """
 
     def __init__(self, address: str, status: Callable[[], Status],
-                 traffic: Callable[[], list[RouteTraffic]] = list) -> None:
+                 traffic: Callable[[], list[RouteTraffic]] = list, memory: Callable[[], dict[str, int]] = dict) -> None:
         host, _, port = address.rpartition(":")
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
             host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE)[0]
@@ -52,6 +52,7 @@ class Server:
         self.port: int = self._listener.getsockname()[1]
         self._status = status
         self._traffic = traffic
+        self._memory = memory
         self._wake, self._waker = socket.socketpair()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -152,24 +153,33 @@ class Server:
         if method not in (b"GET", b"HEAD"):
             return _response(405, "only GET\n")
         try:
-            code, body, content_type = _route(target.split("?", 1)[0], self._status(), self._traffic)
+            code, body, content_type = _route(target.split("?", 1)[0], self._status(), self._traffic, self._memory)
         except Exception:  # a bug behind one request must not end the server
             log.exception("health server cannot answer %s", target)
             code, body, content_type = 500, "internal error\n", "text/plain"
         return _response(code, body, content_type, head_only=method == b"HEAD")
 
 
-def _route(path: str, current: Status, traffic: Callable[[], list[RouteTraffic]]) -> tuple[int, str, str]:
+def _route(path: str, current: Status, traffic: Callable[[], list[RouteTraffic]],
+           memory: Callable[[], dict[str, int]]) -> tuple[int, str, str]:
     if path == "/healthz":
         return (*_check(current.alive_problems), "text/plain")
     if path == "/readyz":
         return (*_check(current.ready_problems), "text/plain")
     if path == "/metrics":
-        return 200, exposition(current, traffic()), "text/plain; version=0.0.4"
+        return 200, exposition(current, traffic(), memory()), "text/plain; version=0.0.4"
     if path == "/routes":
-        body = {"routes": [r.__dict__ for r in current.routes]}
-        return 200, json.dumps(body, indent=2) + "\n", "application/json"
+        return 200, json.dumps(_routes(current), indent=2) + "\n", "application/json"
     return 404, "not found: try /healthz /readyz /metrics /routes\n", "text/plain"
+
+
+def _routes(current: Status) -> dict[str, object]:
+    """What each route's nginx forwards to, and the pod behind each address: its node, whether
+    it is another node's (the anyNode fallback) and whether it is terminating."""
+    return {"routes": [{"name": r.name, "port": r.port, "protocol": r.protocol,
+                        "backends": [{"address": str(b), "pod": b.pod, "node": b.node, "fallback": b.fallback,
+                                      "terminating": b.terminating} for b in r.backends]}
+                       for r in current.routes]}
 
 
 def _response(code: int, body: str, content_type: str = "text/plain", head_only: bool = False) -> bytes:
@@ -180,9 +190,9 @@ def _response(code: int, body: str, content_type: str = "text/plain", head_only:
 
 
 def serve(address: str, status: Callable[[], Status],
-          traffic: Callable[[], list[RouteTraffic]] = list) -> Server:
-    """Start the server in its thread; `status` is called for every request, `traffic` per /metrics."""
-    return Server(address, status, traffic)
+          traffic: Callable[[], list[RouteTraffic]] = list, memory: Callable[[], dict[str, int]] = dict) -> Server:
+    """Start the server in its thread; `status` is called for every request, `traffic` and `memory` per /metrics."""
+    return Server(address, status, traffic, memory)
 
 
 def _check(problems: list[str]) -> tuple[int, str]:

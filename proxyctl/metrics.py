@@ -8,8 +8,8 @@ from proxyctl.status import Status
 from proxyctl.traffic import RouteTraffic
 
 
-def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str:
-    """The Prometheus text format (0.0.4); `traffic` is read from the kernel per scrape."""
+def exposition(status: Status, traffic: list[RouteTraffic] | None = None, memory: dict[str, int] | None = None) -> str:
+    """The Prometheus text format (0.0.4); `traffic` and `memory` are read from the kernel per scrape."""
     lines = [
         "# HELP proxyctl_reloads_total nginx reloads that applied a new config.",
         "# TYPE proxyctl_reloads_total counter",
@@ -72,7 +72,34 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None) -> str
                      "no live upstreams, out of connections or file descriptors.",
                      [((t.name, reason), t.upstream_failures.get(reason, 0))
                       for t in traffic or [] for reason, _ in UPSTREAM_FAILURES])
+    lines += _discovery(status)
+    lines += _family("proxyctl_route_draining_workers", "gauge",
+                     "old nginx workers of the route still draining connections after reloads; each holds memory "
+                     "until its connections end or drainTimeout passes.", sorted(status.draining_workers.items()))
+    if memory:
+        name = "proxyctl_memory_pss_bytes"
+        lines += [f"# HELP {name} proportional set size of proxyctl and of all its nginx processes (masters, "
+                  "workers, draining workers): shared pages count once in all, so the two add up to what they cost "
+                  "together, the closest per-process figure to the container's working set; RSS would count pages "
+                  "nginx processes share once per process.",
+                  f"# TYPE {name} gauge",
+                  *(f'{name}{{process="{process}"}} {size}' for process, size in sorted(memory.items()))]
     return "\n".join(lines) + "\n"
+
+
+def _discovery(status: Status) -> list[str]:
+    """What discovery asked of the API server, and how each request ended."""
+    if not status.kube_requests:
+        return []
+    name = "proxyctl_kube_requests_total"
+    return [f"# HELP {name} list and watch requests to the Kubernetes API by how they ended: ok, gone (410), "
+            "throttled (429), unauthorized (401), forbidden (403), client_error, server_error, timeout, "
+            "transport_error, malformed, unexpected. Counted when each ends, so an open watch is not yet counted.",
+            f"# TYPE {name} counter",
+            *(f'{name}{{verb="{verb}",outcome="{outcome}"}} {count}'
+              for (verb, outcome), count in status.kube_requests.items())]
+
+
 
 
 def _family(name: str, kind: str, text: str, samples: list[tuple[str | tuple[str, str] | None, float]]) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-from proxyctl import health, logs
+from proxyctl import health, logs, memory
 from proxyctl.config import Config, ConfigError, ConfigUnreadable, read_config
 from proxyctl.configwatch import watch_config
 from proxyctl.dataplane import DataPlane, Wanted, describe
@@ -96,7 +96,7 @@ class Sidecar:
             backends = endpoints.get(route.key, [])
             text = render_route(config, route, backends, self.dataplane.directory(route.key), self.stream_module,
                                 self.template, self.open_files)
-            wanted[route.key] = Wanted(route, text, tuple(str(b) for b in backends))
+            wanted[route.key] = Wanted(route, text, tuple(backends))
         return wanted
 
     def _try_new_config(self) -> None:
@@ -163,7 +163,7 @@ class Sidecar:
         self.discovery = Discovery(self.env, me, self.config.watch_timeout, self.wake)
         self.discovery.set_config(self.config)
         try:
-            server = health.serve(self.config.health, self.status, self.traffic)
+            server = health.serve(self.config.health, self.status, self.traffic, self.pss)
         except OSError as exc:  # the port is taken, or the address is not this pod's
             log.error("cannot serve health on %s: %s", self.config.health, exc.strerror or exc)
             self.discovery.stop()
@@ -230,7 +230,8 @@ class Sidecar:
                              self.config_failures + self.dataplane.failures, self.config_valid,
                              self.discovery.restarts, self.dataplane.restarts, self.discovery.watch_ages(),
                              self.discovery.on_fallback(), self.dataplane.last_reload_seconds,
-                             self.dataplane.last_reload_at)
+                             self.dataplane.last_reload_at, self.discovery.requests.totals(),
+                             self.dataplane.draining())
 
     def traffic(self) -> list[RouteTraffic]:
         """What the kernel, nginx and the data plane counted for the routes nginx serves; read per /metrics
@@ -243,6 +244,10 @@ class Sidecar:
         return [replace(t, no_backend_seconds=counted[t.name][0], upstream_failures=counted[t.name][1])
                 if t.name in counted else t for t in sampled]
 
+    def pss(self) -> dict[str, int]:
+        """PSS of proxyctl and of all its nginx processes; read per /metrics scrape, from its thread."""
+        return memory.usage(self.dataplane.pids())
+
 
 def _raise_open_files_limit() -> int:
     """Lift our soft open-file limit to the hard one, for nginx to inherit; returns it."""
@@ -254,7 +259,7 @@ def _raise_open_files_limit() -> int:
 
 
 def _summary(wanted: Mapping[str, Wanted]) -> str:
-    return "; ".join(f"{name} -> {', '.join(w.backends) or 'no backend'}" for name, w in wanted.items())
+    return "; ".join(f"{name} -> {', '.join(map(str, w.backends)) or 'no backend'}" for name, w in wanted.items())
 
 
 def _identity(env: Mapping[str, str], stopping: threading.Event) -> Identity | None:

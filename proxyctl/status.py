@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxyctl.backend import Backend
+
 
 @dataclass(frozen=True)
 class RouteStatus:
     name: str
     port: int
     protocol: str
-    backends: list[str]
+    backends: list[Backend]  # with the pod each came from, as discovery last knew it
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,5 @@ class Status:
     on_fallback: frozenset[str] = frozenset()  # routes served by other nodes' pods (anyNode)
     last_reload_seconds: float | None = None  # how long the latest successful reload took
     last_reload_at: float | None = None  # when it ended, Unix time
+    kube_requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (verb, outcome) → list/watch requests
+    draining_workers: dict[str, int] = field(default_factory=dict)  # route → old nginx workers still draining

@@ -10,6 +10,8 @@ Layered as kopf's watching is, each layer testable on its own:
   event or an HTTP status, relists.
 - `watch_request`: the one request; `_lines` and `event`: its JSON lines, read as events.
 
+Every list and watch request is counted once, when it ends, by how it ended (`Requests`).
+
 Lists are served from the API server's watch cache (`resourceVersion=0` at first, then
 "not older than" the version held), as client-go's reflectors ask, never as quorum reads
 from etcd. What a pod means to the data plane is discovery's business: a watch is handed
@@ -23,6 +25,7 @@ import logging
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
@@ -171,6 +174,52 @@ def _parse(key: WatchKey, parse: Parse[T], obj: Any) -> T | None:
         return None
 
 
+# --- counting requests ------------------------------------------------------------------------------------
+
+VERBS = ("list", "watch")
+OUTCOMES = ("ok", "gone", "throttled", "unauthorized", "forbidden", "client_error", "server_error", "timeout",
+            "transport_error", "malformed", "unexpected")
+
+
+def outcome(exc: BaseException | None) -> str:
+    """How a request ended, as one of OUTCOMES: by the kube.py error it raised, or "ok" (None)."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, Gone):
+        return "gone"
+    if isinstance(exc, Unauthorized):
+        return "unauthorized"
+    if isinstance(exc, Forbidden):
+        return "forbidden"
+    if isinstance(exc, StatusError):
+        return "throttled" if exc.status == 429 else "server_error" if exc.status >= 500 else "client_error"
+    if isinstance(exc, ReadTimeout):
+        return "timeout"
+    if isinstance(exc, TransportError):
+        return "transport_error"
+    if isinstance(exc, MalformedAnswer):
+        return "malformed"
+    return "unexpected"
+
+
+class Requests:
+    """List and watch requests by how they ended. Discovery keeps one for all its watches, which
+    come and go as the config changes, so the totals never decrease."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {(verb, result): 0 for verb in VERBS for result in OUTCOMES}
+
+    def add(self, verb: str, exc: BaseException | None) -> None:
+        with self._lock:
+            self._counts[verb, outcome(exc)] += 1
+
+    def totals(self) -> dict[tuple[str, str], int]:
+        """(verb, outcome) → requests, every pair present."""
+        with self._lock:
+            return dict(self._counts)
+
+
 # --- retrying -------------------------------------------------------------------------------------------
 
 
@@ -205,8 +254,9 @@ class Watch(Generic[T]):
     """Lists, then watches, one `WatchKey`; calls `on_change` whenever its pods change."""
 
     def __init__(self, key: WatchKey, client: Callable[[bool], Api], timeout: float,
-                 on_change: Callable[[], None], parse: Parse[T]) -> None:
+                 on_change: Callable[[], None], parse: Parse[T], requests: Requests) -> None:
         self.key = key
+        self.requests = requests
         self.timeout = timeout  # for the next request; a running one keeps its own
         self._parse = parse
         self._client = client
@@ -298,17 +348,18 @@ class Watch(Generic[T]):
         started, version = time.monotonic(), self.version
         self._request_timeout = self.timeout
         assert version is not None
-        response = watch_request(core, self.key, version, self._request_timeout)
-        self._response = response
-        self.connected = True
-        self.last_activity = time.monotonic()
-        if self._stop.is_set():
-            return
-        for line in _lines(response):
-            self.last_activity = self.last_heard = time.monotonic()
-            self._handle(line)
-        if self.version == version and time.monotonic() - started < QUICK_END:
-            raise TransportError("the API server ended the watch at once, with nothing new")
+        with self._counted("watch"):
+            response = watch_request(core, self.key, version, self._request_timeout)
+            self._response = response
+            self.connected = True
+            self.last_activity = time.monotonic()
+            if self._stop.is_set():
+                return
+            for line in _lines(response):
+                self.last_activity = self.last_heard = time.monotonic()
+                self._handle(line)
+            if self.version == version and time.monotonic() - started < QUICK_END:
+                raise TransportError("the API server ended the watch at once, with nothing new")
         self.last_heard = time.monotonic()
         self._recovered()
 
@@ -342,8 +393,19 @@ class Watch(Generic[T]):
             return "401 Unauthorized: re-reading credentials (rotated service-account token?)"
         return f"API answered {exc.status}: {exc.message}"
 
+    @contextmanager
+    def _counted(self, verb: str) -> Iterator[None]:
+        """Count the request made inside, once, by how it ended; a watch that stop() cut ended as asked."""
+        try:
+            yield
+        except BaseException as exc:
+            self.requests.add(verb, None if self._stop.is_set() else exc)
+            raise
+        self.requests.add(verb, None)
+
     def _list(self, core: Api) -> None:
-        pods, version = list_objects(core, self.key, self._parse, self.timeout, self._list_version)
+        with self._counted("list"):
+            pods, version = list_objects(core, self.key, self._parse, self.timeout, self._list_version)
         self.last_activity = self.last_heard = time.monotonic()
         with self._lock:
             changed, self.pods = pods != self.pods, pods

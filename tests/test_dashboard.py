@@ -18,15 +18,6 @@ from tests.promtool import run_promtool
 from tests.support import free_port, wait_for
 
 DASHBOARD_FILE = Path(__file__).resolve().parent.parent / "examples" / "grafana-dashboard.json"
-# Metrics the dashboard shows before proxyctl exposes them, with their labels. Once /metrics has
-# one, test_every_metric_and_label_is_on_the_metrics_of_a_real_proxyctl says to take it out of here.
-NOT_YET_EXPOSED: dict[str, set[str]] = {
-    "proxyctl_route_no_backend_datagrams_total": {"route"},
-    "proxyctl_route_upstream_failures_total": {"route", "reason"},
-    "proxyctl_kube_requests_total": {"verb", "outcome"},
-    "proxyctl_memory_bytes": {"process"},
-    "proxyctl_route_draining_workers": {"route"},
-}
 # Labels Prometheus adds to every sample it scrapes through examples/podmonitor.yaml.
 TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -199,9 +190,9 @@ def exposed_labels(kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> 
 
 
 def metric_errors(board: Dashboard, exposed: dict[str, set[str]]) -> list[str]:
-    """Metric and label names the dashboard uses that are neither in `exposed` (sample name: label
-    names) nor in NOT_YET_EXPOSED, and legends naming labels that the query aggregates away."""
-    labels = {name: keys | TARGET_LABELS for name, keys in {**exposed, **NOT_YET_EXPOSED}.items()}
+    """Metric and label names the dashboard uses that are not in `exposed` (sample name: label
+    names), and legends naming labels that the query aggregates away."""
+    labels = {name: keys | TARGET_LABELS for name, keys in exposed.items()}
     errors = []
     for where, target in targets(board):
         expr = target["expr"]
@@ -235,12 +226,8 @@ def metric_errors(board: Dashboard, exposed: dict[str, set[str]]) -> list[str]:
 def test_every_metric_and_label_is_on_the_metrics_of_a_real_proxyctl(
         kube_api: KubeApiServer, proxyctl, udp_sinks, tcp_echoes) -> None:
     exposed = exposed_labels(kube_api, proxyctl, udp_sinks, tcp_echoes)
-    now_exposed = sorted(set(NOT_YET_EXPOSED) & set(exposed))
-    assert not now_exposed, f"/metrics has these now: take them out of NOT_YET_EXPOSED: {now_exposed}"
     board = dashboard()
     assert metric_errors(board, exposed) == []
-    used = {name for _, target in targets(board) for name, _ in SELECTOR.findall(target["expr"])}
-    assert set(NOT_YET_EXPOSED) <= used, "NOT_YET_EXPOSED lists only what the dashboard shows"
 
     misspelt = copy.deepcopy(board)  # the check can fail
     panel = graphs(misspelt)[0]

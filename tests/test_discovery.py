@@ -421,3 +421,23 @@ def test_a_pod_of_another_node_in_the_local_list_is_skipped_with_a_log_line(
                for r in caplog.records)
     kube_api.delete_pod(NS, "local")
     wait_for(lambda: backends(discovery) == [], 5, what="no backend: the other node's pod is not local")
+
+
+def test_one_rule_chooses_local_staying_then_local_terminating_then_other_nodes() -> None:
+    """`choose`, the rule both `proxyctl run` and `proxyctl render` use, with the pod facts /routes shows."""
+    route = routes(ANY_NODE).routes[0]
+
+    def pod(name: str, node: str, ip: str, terminating: bool = False) -> discovery_module.Pod:
+        return discovery_module.Pod(name, node, ip, ready=True, terminating=terminating)
+
+    def chosen(local: list[discovery_module.Pod], everywhere: list[discovery_module.Pod] | None) -> list[tuple]:
+        backends, _ = discovery_module.choose(route, "node-a", local, everywhere, [], frozenset())
+        return [(str(b), b.pod, b.node, b.fallback, b.terminating) for b in backends]
+
+    leaving, staying = pod("old", "node-a", "10.0.0.1", terminating=True), pod("new", "node-a", "10.0.0.2")
+    far = pod("far", "node-b", "10.0.0.3")
+    assert chosen([leaving, staying], [far]) == [("10.0.0.2:8125", "new", "node-a", False, False)]
+    assert chosen([leaving], [far]) == [("10.0.0.1:8125", "old", "node-a", False, True)]
+    assert chosen([], [far]) == [("10.0.0.3:8125", "far", "node-b", True, False)]
+    assert chosen([], None) == []  # other nodes' pods not listed (yet): no choice among them
+    assert chosen([far], None) == []  # another node's pod in the local list is no local pod

@@ -222,3 +222,27 @@ def test_a_client_closed_to_make_room_while_it_was_sending_does_not_end_the_serv
     finally:
         release.set()
         made.shutdown()
+
+
+def test_routes_show_the_pod_node_and_state_behind_each_backend(kube_api: KubeApiServer, proxyctl) -> None:
+    kube_api.add_pod("agent-a", "default", {"app": "agent"}, node="node-a", ip="127.0.0.2")
+    kube_api.add_pod("far-b", "default", {"app": "far"}, node="node-b", ip="127.0.0.4")
+    port, far_port = free_port(), free_port()
+    sidecar = proxyctl(sidecar_config(port) + f"  - {{name: traces, port: {far_port}, protocol: udp, "
+                                              f"selector: app=far, namespace: default, whenNoLocalPod: anyNode}}\n")
+
+    def backends() -> dict[str, list[dict[str, object]]]:
+        return {r["name"]: r["backends"] for r in json.loads(sidecar.get("/routes")[1])["routes"]}
+
+    assert backends() == {
+        "statsd": [{"address": f"127.0.0.2:{port}", "pod": "agent-a", "node": "node-a", "fallback": False,
+                    "terminating": False}],
+        "traces": [{"address": f"127.0.0.4:{far_port}", "pod": "far-b", "node": "node-b", "fallback": True,
+                    "terminating": False}],
+    }
+    reloads = sidecar.metric("proxyctl_reloads_total")
+    kube_api.update_pod("default", "agent-a", terminating=True)  # deleted, still Ready while it drains
+    wait_for(lambda: backends()["statsd"][0]["terminating"], 10, what="the pod shown terminating")
+    assert backends()["statsd"] == [{"address": f"127.0.0.2:{port}", "pod": "agent-a", "node": "node-a",
+                                     "fallback": False, "terminating": True}]
+    assert sidecar.metric("proxyctl_reloads_total") == reloads  # the same address: nginx is not reloaded

@@ -47,9 +47,12 @@ def test_udp_and_tcp_reach_node_local_pods_and_never_another_node(kube_api: Kube
     assert remote.received == [] and remote_tcp.connections == 0 and local_tcp.connections == 20
 
     routes = json.loads(sidecar.get("/routes")[1])["routes"]
+    def local(pod: str) -> dict[str, object]:
+        return {"address": f"127.0.0.2:{port}", "pod": pod, "node": "node-a", "fallback": False, "terminating": False}
+
     assert routes == [
-        {"name": "dogstatsd", "port": port, "protocol": "udp", "backends": [f"127.0.0.2:{port}"]},
-        {"name": "fluentd", "port": port, "protocol": "tcp", "backends": [f"127.0.0.2:{port}"]},
+        {"name": "dogstatsd", "port": port, "protocol": "udp", "backends": [local("agent-a")]},
+        {"name": "fluentd", "port": port, "protocol": "tcp", "backends": [local("fluentd-a")]},
     ]
 
 

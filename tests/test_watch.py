@@ -12,8 +12,8 @@ import pytest
 import urllib3
 
 from proxyctl.config import Config, load_config
-from proxyctl.kube import Gone, StatusError
-from proxyctl.watch import Backoff, MalformedEvent, WatchKey, _lines, event
+from proxyctl.kube import Gone, ReadTimeout, StatusError, TransportError, status_error
+from proxyctl.watch import OUTCOMES, Backoff, MalformedEvent, WatchKey, _lines, event, outcome
 from tests.conftest import MakeDiscovery, backends
 from tests.kubeapi import KubeApiServer
 from tests.support import wait_for
@@ -230,3 +230,15 @@ def test_changing_only_watch_timeout_keeps_serving_and_applies_from_the_next_req
     wait_for(lambda: kube_api.count(watch=True) == 2, 10, what="the next watch request")
     assert [r.query.get("timeoutSeconds") for r in kube_api.requests if r.is_watch] == ["60", "30"]
     assert kube_api.count(watch=False) == 1 and backends(discovery) == ["127.0.0.2:8125"]
+
+
+def test_each_kind_of_failure_is_one_request_outcome() -> None:
+    assert outcome(None) == "ok"
+    assert [outcome(status_error(code, "")) for code in (401, 403, 404, 410, 429, 500, 503)] == [
+        "unauthorized", "forbidden", "client_error", "gone", "throttled", "server_error", "server_error"]
+    assert outcome(ReadTimeout("")) == "timeout"
+    assert outcome(TransportError("")) == "transport_error"
+    assert outcome(MalformedEvent("")) == "malformed"
+    assert outcome(KeyError("a bug")) == "unexpected"
+    assert set(OUTCOMES) == {"ok", "unauthorized", "forbidden", "client_error", "gone", "throttled", "server_error",
+                             "timeout", "transport_error", "malformed", "unexpected"}

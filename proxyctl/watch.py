@@ -181,24 +181,21 @@ OUTCOMES = ("ok", "gone", "throttled", "unauthorized", "forbidden", "client_erro
             "transport_error", "malformed", "unexpected")
 
 
+# Errors by outcome, the narrower first (a read timeout is a TransportError); other StatusErrors go by status.
+_OUTCOME_OF_ERROR: tuple[tuple[type[BaseException], str], ...] = (
+    (Gone, "gone"), (Unauthorized, "unauthorized"), (Forbidden, "forbidden"), (ReadTimeout, "timeout"),
+    (TransportError, "transport_error"), (MalformedAnswer, "malformed"))
+
+
 def outcome(exc: BaseException | None) -> str:
     """How a request ended, as one of OUTCOMES: by the kube.py error it raised, or "ok" (None)."""
     if exc is None:
         return "ok"
-    if isinstance(exc, Gone):
-        return "gone"
-    if isinstance(exc, Unauthorized):
-        return "unauthorized"
-    if isinstance(exc, Forbidden):
-        return "forbidden"
+    named = next((name for kind, name in _OUTCOME_OF_ERROR if isinstance(exc, kind)), None)
+    if named is not None:
+        return named
     if isinstance(exc, StatusError):
         return "throttled" if exc.status == 429 else "server_error" if exc.status >= 500 else "client_error"
-    if isinstance(exc, ReadTimeout):
-        return "timeout"
-    if isinstance(exc, TransportError):
-        return "transport_error"
-    if isinstance(exc, MalformedAnswer):
-        return "malformed"
     return "unexpected"
 
 

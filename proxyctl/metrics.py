@@ -32,7 +32,7 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None, memory
         "# HELP proxyctl_route_backends backends nginx forwards a route to.",
         "# TYPE proxyctl_route_backends gauge",
     ]
-    lines += [f"proxyctl_route_backends{_labels(r.name)} {len(r.backends)}" for r in status.routes]
+    lines += [f"proxyctl_route_backends{_labels({'route': r.name})} {len(r.backends)}" for r in status.routes]
     lines += _family("proxyctl_route_on_fallback", "gauge",
                      "1 while an anyNode route forwards to other nodes' pods for lack of a local one.",
                      [(r.name, int(r.name in status.on_fallback)) for r in status.routes])
@@ -70,55 +70,50 @@ def exposition(status: Status, traffic: list[RouteTraffic] | None = None, memory
     lines += _family("proxyctl_route_upstream_failures_total", "counter",
                      "failures toward the route's backends that nginx logged: connect() failed, upstream timed out, "
                      "no live upstreams, out of connections or file descriptors.",
-                     [((t.name, reason), t.upstream_failures.get(reason, 0))
+                     [({"route": t.name, "reason": reason}, t.upstream_failures.get(reason, 0))
                       for t in traffic or [] for reason, _ in UPSTREAM_FAILURES])
     lines += _discovery(status)
     lines += _family("proxyctl_route_draining_workers", "gauge",
                      "old nginx workers of the route still draining connections after reloads; each holds memory "
                      "until its connections end or drainTimeout passes.", sorted(status.draining_workers.items()))
-    if memory:
-        name = "proxyctl_memory_pss_bytes"
-        lines += [f"# HELP {name} proportional set size of proxyctl and of all its nginx processes (masters, "
-                  "workers, draining workers): shared pages count once in all, so the two add up to what they cost "
-                  "together, the closest per-process figure to the container's working set; RSS would count pages "
-                  "nginx processes share once per process.",
-                  f"# TYPE {name} gauge",
-                  *(f'{name}{{process="{process}"}} {size}' for process, size in sorted(memory.items()))]
+    lines += _family("proxyctl_memory_pss_bytes", "gauge",
+                     "proportional set size of proxyctl and of all its nginx processes (masters, workers, draining "
+                     "workers): shared pages count once in all, so the two add up to what they cost together, the "
+                     "closest per-process figure to the container's working set; RSS would count pages nginx "
+                     "processes share once per process.",
+                     [({"process": process}, size) for process, size in sorted((memory or {}).items())])
     return "\n".join(lines) + "\n"
 
 
 def _discovery(status: Status) -> list[str]:
     """What discovery asked of the API server, and how each request ended."""
-    if not status.kube_requests:
-        return []
-    name = "proxyctl_kube_requests_total"
-    return [f"# HELP {name} list and watch requests to the Kubernetes API by how they ended: ok, gone (410), "
-            "throttled (429), unauthorized (401), forbidden (403), client_error, server_error, timeout, "
-            "transport_error, malformed, unexpected. Counted when each ends, so an open watch is not yet counted.",
-            f"# TYPE {name} counter",
-            *(f'{name}{{verb="{verb}",outcome="{outcome}"}} {count}'
-              for (verb, outcome), count in status.kube_requests.items())]
+    return _family("proxyctl_kube_requests_total", "counter",
+                   "list and watch requests to the Kubernetes API by how they ended: ok, gone (410), throttled (429), "
+                   "unauthorized (401), forbidden (403), client_error, server_error, timeout, transport_error, "
+                   "malformed, unexpected. Counted when each ends, so an open watch is not yet counted.",
+                   [({"verb": verb, "outcome": outcome}, count)
+                    for (verb, outcome), count in status.kube_requests.items()])
 
 
-
-
-def _family(name: str, kind: str, text: str, samples: list[tuple[str | tuple[str, str] | None, float]]) -> list[str]:
-    """HELP, TYPE and one sample per route, or per (route, reason); None: the one sample without labels;
-    nothing without samples."""
+def _family(name: str, kind: str, text: str, samples: list[tuple[str | dict[str, str] | None, float]]) -> list[str]:
+    """HELP, TYPE and one sample per route (a name) or per set of labels; None: the one sample
+    without labels; nothing without samples."""
     if not samples:
         return []
     return [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
-            *(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples)]
+            *(f"{name}{_labels({'route': labels} if isinstance(labels, str) else labels)} {_number(value)}"
+              for labels, value in samples)]
 
 
-def _labels(labels: str | tuple[str, str] | None) -> str:
-    """The route label (and the reason, a word of ours), escaped as the text format wants: backslash, quote,
-    newline."""
-    if labels is None:
+def _labels(labels: dict[str, str] | None) -> str:
+    """Labels with their values escaped as the text format wants: backslash, quote, newline."""
+    if not labels:
         return ""
-    route, reason = labels if isinstance(labels, tuple) else (labels, None)
-    escaped = route.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'{{route="{escaped}"}}' if reason is None else f'{{route="{escaped}",reason="{reason}"}}'
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(value: float) -> str:

@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 from proxyctl.backend import Backend
 from proxyctl.config import Route
 from proxyctl.nginx import Nginx, NginxError, end_stale
-from proxyctl.traffic import NO_BACKEND, SESSIONS, Tally, tally_path
+from proxyctl.traffic import TALLY_KINDS, Tally, tally_path
 
 log = logging.getLogger("proxyctl.dataplane")
 
@@ -167,7 +167,7 @@ class DataPlane:
     def _add(self, route: str) -> Instance:
         directory = self.directory(route)
         directory.mkdir(parents=True, exist_ok=True)
-        for kind in (SESSIONS, NO_BACKEND):
+        for kind in TALLY_KINDS:
             self.tally.start(tally_path(directory, route, kind))
         self.instances[route] = Instance(Nginx(directory, self.binary, on_exit=self.wake, route=route))
         return self.instances[route]
@@ -290,7 +290,7 @@ class DataPlane:
         if now >= self.tally_freed_at + TALLY_FREE_INTERVAL:
             self.tally_freed_at = now
             for route in self.instances:
-                for kind in (SESSIONS, NO_BACKEND):
+                for kind in TALLY_KINDS:
                     self.tally.free(tally_path(self.directory(route), route, kind))
 
     def due_in(self) -> float | None:

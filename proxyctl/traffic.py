@@ -33,6 +33,7 @@ TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 RMEM_MAX = "/proc/sys/net/core/rmem_max"
 ESTABLISHED = 0x01  # include/net/tcp_states.h
 SESSIONS, NO_BACKEND = "sessions", "no-backend"  # the tally files' kinds
+TALLY_KINDS = (SESSIONS, NO_BACKEND)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # include/uapi/linux/falloc.h
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes is loaded anyway (nginx.py): no memory added
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
